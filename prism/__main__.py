@@ -1,0 +1,3 @@
+from prism.cli import console
+
+console()

@@ -1,0 +1,34 @@
+"""`prism data synth` and `prism data check`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="prism data")
+    sub = parser.add_subparsers(dest="command", required=True)
+    synth = sub.add_parser("synth", help="write the fictitious-knowledge benchmark in the MUSE layout")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--n-forget", type=int, default=16)
+    synth.add_argument("--n-retain", type=int, default=16)
+    synth.add_argument("--n-holdout", type=int, default=16)
+    check = sub.add_parser("check", help="validate a benchmark's files and print counts per split")
+    check.add_argument("--format", required=True, choices=["muse", "wmdp", "tofu", "jailbreak"])
+    check.add_argument("path")
+    args = parser.parse_args(argv)
+
+    if args.command == "synth":
+        from prism.data.synth import synthesize
+
+        out = synthesize(args.out, seed=args.seed, n_forget=args.n_forget, n_retain=args.n_retain,
+                         n_holdout=args.n_holdout)
+        print(f"wrote {out}")
+    else:
+        from prism.data.formats import check as check_files
+
+        counts = check_files(args.format, args.path)
+        print(json.dumps({"path": args.path, "format": args.format, "counts": counts}, indent=2))
+    return 0

@@ -1,0 +1,44 @@
+"""Stage `finetune`: NLL fine-tuning. Makes the target model (it memorises forget and retain) and is the
+relearning attack's training loop."""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import LightningModule
+
+from prism.models.loading import load_model, load_tokenizer
+from prism.objectives import nll
+from prism.stages.common import DTYPES, output_dir, save_hf_checkpoint
+
+
+class FinetuneModule(LightningModule):
+    def __init__(
+        self,
+        path: str = "smollm2",
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        output_dir: str | None = None,
+        dtype: str = "float32",
+        gradient_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = load_model(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        self.tokenizer = load_tokenizer(path)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.saved_to = None
+
+    def training_step(self, batch, batch_idx):
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = nll(logits, batch["labels"])
+        self.log("train/nll", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+    def on_train_end(self):
+        self.saved_to = save_hf_checkpoint(self, self.model, self.tokenizer, output_dir(self, self.hparams.output_dir))
