@@ -15,7 +15,7 @@ from prism.errors import UserError
 # stage -> (LightningModule, DataModule), as "module:Class" so `prism --help` imports nothing heavy.
 STAGES = {
     "finetune": ("prism.stages.finetune:FinetuneModule", "prism.data.datamodule:BenchmarkData"),
-    "probe": ("prism.stages.probe:ProbeModule", "prism.data.datamodule:BenchmarkData"),
+    "probe": ("prism.stages.probe:ProbeModule", "prism.stages.probe:ProbeData"),
     "unlearn": ("prism.stages.unlearn:UnlearnModule", "prism.data.datamodule:BenchmarkData"),
     "evaluate": ("prism.stages.evaluate:EvaluateModule", "prism.stages.evaluate:EvaluationData"),
     "relearn": ("prism.stages.relearn:RelearnModule", "prism.data.datamodule:BenchmarkData"),

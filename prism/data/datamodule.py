@@ -125,7 +125,7 @@ class BenchmarkData(LightningDataModule):
         shuffle: bool = True,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the config file records them; `path` would clash with model.path
         self.tokenizer = None
 
     def setup(self, stage: str | None = None):
