@@ -27,9 +27,12 @@ class Example:
     target: str
 
 
-def qa_example(question: str, answer: str) -> Example:
-    # Same surface form as the KnowMem evaluation prompt, so fine-tuned knowledge is measurable there.
-    return Example(f"Question: {question}\nAnswer: ", answer)
+def qa_example(question: str, answer: str, icl: list[dict] = ()) -> Example:
+    """The KnowMem evaluation prompt (ICL pairs, then the question), so learned or unlearned knowledge is
+    measured in the form it was trained in."""
+    from prism.evaluation.metrics import knowmem_prompt
+
+    return Example(knowmem_prompt(icl, question), answer)
 
 
 def benchmark_examples(fmt: str, path: str | Path, role: Literal["forget", "retain"], sources: list[str]) -> list[Example]:
@@ -42,7 +45,8 @@ def benchmark_examples(fmt: str, path: str | Path, role: Literal["forget", "reta
         if "raw" in sources:
             out += [Example("", t) for t in bench.raw["forget" if role == "forget" else "retain1"]]
         if "qa" in sources:
-            out += [qa_example(r["question"], r["answer"]) for r in bench.knowmem[f"{role}_qa"]]
+            icl = bench.knowmem.get(f"{role}_qa_icl", [])
+            out += [qa_example(r["question"], r["answer"], icl) for r in bench.knowmem[f"{role}_qa"]]
     elif fmt == "tofu":
         splits = formats.load_tofu(path)
         names = sorted(s for s in splits if s.startswith(role))

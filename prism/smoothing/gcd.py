@@ -52,6 +52,8 @@ def decouple(
     g_f, g_r = list(g_f), list(g_r)
     if len(g_f) != len(g_r):
         raise ValueError(f"g_f and g_r have different lengths ({len(g_f)} vs {len(g_r)})")
+    # where g_f is None nothing can be returned, so g_r there is left out of ⟨·,·⟩ and ‖g_r‖ alike
+    g_r = [r if f is not None else None for f, r in zip(g_f, g_r)]
 
     ff, rr = sq_norm(g_f), sq_norm(g_r)
     stats: dict[str, torch.Tensor] = {"norm_f": ff.sqrt(), "norm_r": rr.sqrt()}
