@@ -54,6 +54,7 @@ def run_stage(stage: str, args: list[str]):
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
+            "default_root_dir": "logs",  # also where the config is saved when the logger is off
             "logger": {
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                 "init_args": {"save_dir": "logs", "name": stage},

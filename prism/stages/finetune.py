@@ -25,6 +25,7 @@ class FinetuneModule(LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.model = load_model(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        self.model.train()  # from_pretrained returns eval mode; Lightning keeps whatever mode it finds
         self.tokenizer = load_tokenizer(path)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()

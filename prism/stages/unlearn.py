@@ -83,6 +83,7 @@ class UnlearnModule(LightningModule):
         self.automatic_optimization = False
         self.forget_objective, self.retain_objective = forget_objective, retain_objective
         self.model = load_model(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        self.model.train()  # from_pretrained returns eval mode; Lightning keeps whatever mode it finds
         self.tokenizer = load_tokenizer(path)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
@@ -128,23 +129,22 @@ class UnlearnModule(LightningModule):
             # Kept out of the module tree: never trained, saved or sharded.
             self.__dict__["_frozen"] = copy.deepcopy(self.model).eval().requires_grad_(False)
         if self.forget_objective.needs_reference_logprobs and self.ref_logprobs is None:
-            self.ref_logprobs = self.compute_reference_logprobs()
+            data = self.trainer.datamodule
+            self.ref_logprobs = self.compute_reference_logprobs(data.forget, data.tokenizer.pad_token_id,
+                                                                data.hparams.batch_size)
         if self.hparams.task_vector_alpha is not None and self._theta0 is None:
             self._theta0 = [p.detach().clone() for p in self.trainable_params]
 
     @torch.no_grad()
-    def compute_reference_logprobs(self) -> torch.Tensor:
+    def compute_reference_logprobs(self, dataset, pad_id: int, batch_size: int) -> torch.Tensor:
         """log π_ref(y|x) of every forget example under the initial model, once, so no reference stays resident."""
         from prism.data.datamodule import collate
 
-        data = self.trainer.datamodule
         was_training = self.model.training
         self.model.eval()
-        out = torch.empty(len(data.forget), dtype=torch.float32)
-        pad = data.tokenizer.pad_token_id
-        size = data.hparams.batch_size
-        for start in range(0, len(data.forget), size):
-            batch = collate([data.forget[i] for i in range(start, min(start + size, len(data.forget)))], pad)
+        out = torch.empty(len(dataset), dtype=torch.float32)
+        for start in range(0, len(dataset), batch_size):
+            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))], pad_id)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             out[batch["index"].cpu()] = sequence_logprob(logits.float(), batch["labels"]).cpu()
