@@ -1,4 +1,12 @@
-"""Errors a user can fix. The CLI prints them without a traceback and exits 2."""
+"""Errors and exit codes of the `prism` command.
+
+exit 0: done. exit 2 (`UserError`): bad input the user can fix (a file, a config value, a model directory); the CLI
+prints one line naming what to fix, no traceback. exit 1: the run failed for another reason: `TrainingAborted`
+(a deliberate stop, e.g. too many non-finite steps; one line, the last good checkpoint is kept) or any other
+exception (an internal error: a short line plus the traceback, for a bug report).
+"""
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
 
 
 class UserError(Exception):
@@ -16,3 +24,8 @@ class DataFormatError(UserError):
         if field is not None:
             where += f", field '{field}'"
         super().__init__(f"{where}: {problem}")
+
+
+class TrainingAborted(RuntimeError):
+    """A run stopped on purpose because continuing would be meaningless (e.g. a run of non-finite losses): exit 1
+    with the message and no traceback. Checkpoints already written are kept."""

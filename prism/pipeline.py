@@ -28,9 +28,9 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 @dataclass(frozen=True)
 class Preset:
-    synth: dict
     methods: tuple[str, ...]
-    model: str  # "tiny" (random init with a local tokenizer) or a model path ('smollm2' = embedded default)
+    synth: dict | None = None  # None: a real benchmark and target model given by --data and --target
+    model: str | None = None  # "tiny" (random init with a local tokenizer) or a model path ('smollm2' = embedded default)
     tiny_arch: dict = field(default_factory=dict)
 
 
@@ -46,6 +46,10 @@ PRESETS = {
         methods=("prism", "npo_gd", "ga", "sam_npo"),
         model="smollm2",
     ),
+    # Real benchmarks: the data and the target model are local paths given on the command line.
+    "muse_books": Preset(methods=("prism", "npo_gd", "ga", "sam_npo")),
+    "muse_news": Preset(methods=("prism", "npo_gd", "ga", "sam_npo")),
+    "wmdp": Preset(methods=("prism", "rmu", "npo_gd")),
 }
 
 
@@ -68,8 +72,10 @@ def _config_text(path: Path) -> str:
 
 
 class Pipeline:
-    def __init__(self, preset: str, out: Path, methods: list[str]):
+    def __init__(self, preset: str, out: Path, methods: list[str], data: Path | None = None, target: Path | None = None):
         self.preset, self.p, self.out, self.methods = preset, PRESETS[preset], out, methods
+        self.data = data or out / "data"
+        self.target = target or out / "models" / "target"
         self.configs = CONFIGS / preset
         self.hashes: dict[str, str] = {}
         self.seconds: dict[str, float] = {}
@@ -112,16 +118,13 @@ class Pipeline:
     # --- the study --------------------------------------------------------------------------------------------
     def run(self):
         o, cfg = self.out, self.configs
-        data, models, evals = o / "data", o / "models", o / "eval"
-        target, probe = models / "target", o / "probe"
-        self.total = 6 + 3 * len(self.methods) + 1 + 2
-        from prism.data.synth import synthesize
-
-        self.step("synth", data / "meta.json", [self.p.synth], lambda: synthesize(data, **self.p.synth))
-        init = self.prepare_model(models / "init")
-        ft = {"model.path": init, "model.output_dir": target, "data.path": data}
-        self.step("finetune", target / "config.json", self.stage_inputs(cfg / "finetune.yaml", ft),
-                  lambda: self.stage("finetune", "fit", cfg / "finetune.yaml", ft), upstream=("synth", "model"))
+        data, models, evals, target, probe = self.data, o / "models", o / "eval", self.target, o / "probe"
+        self.total = 3 * len(self.methods) + len(self.margin_models) + 4
+        if self.p.synth is not None:
+            self.total += 3
+            self.make_target(data, models / "init", target)
+        else:
+            self.step("finetune", target / "config.json", [str(data), str(target)], lambda: None)
         self.evaluate("target", target, upstream="finetune", target_metrics=None)
         pr = {"model.path": target, "model.output_dir": probe, "data.path": data}
         self.step("probe", probe / "probe.json", self.stage_inputs(cfg / "probe.yaml", pr),
@@ -139,15 +142,30 @@ class Pipeline:
             self.evaluate(method, out, upstream=f"unlearn/{method}", target_metrics=evals / "target" / "metrics.json")
         for method in self.methods:
             self.relearn(method)
-        self.margins(["target", *self.methods[:1]])
+        self.margins(self.margin_models)
         self.report()
+
+    @property
+    def margin_models(self) -> list[str]:
+        return ["target", *self.methods[:1]]
+
+    def make_target(self, data: Path, init: Path, target: Path):
+        """Steps 1-3: synthesise the benchmark, prepare the model, fine-tune it into the target."""
+        from prism.data.synth import synthesize
+
+        self.step("synth", data / "meta.json", [self.p.synth], lambda: synthesize(data, **self.p.synth))
+        init = self.prepare_model(init)
+        ft = {"model.path": init, "model.output_dir": target, "data.path": data}
+        config = self.configs / "finetune.yaml"
+        self.step("finetune", target / "config.json", self.stage_inputs(config, ft),
+                  lambda: self.stage("finetune", "fit", config, ft), upstream=("synth", "model"))
 
     def prepare_model(self, out: Path) -> Path:
         if self.p.model == "tiny":
             from prism.models.commands import tiny_from_benchmark
 
             self.step("model", out / "config.json", [self.p.tiny_arch],
-                      lambda: tiny_from_benchmark(self.out / "data", out, **self.p.tiny_arch), upstream=("synth",))
+                      lambda: tiny_from_benchmark(self.data, out, **self.p.tiny_arch), upstream=("synth",))
             return out
         from prism.models.loading import resolve_model_dir
 
@@ -157,7 +175,7 @@ class Pipeline:
 
     def evaluate(self, name: str, model: Path, upstream: str, target_metrics: Path | None):
         out = self.out / "eval" / name
-        ev = {"model.path": model, "model.output_dir": out, "model.name": name, "data.path": self.out / "data"}
+        ev = {"model.path": model, "model.output_dir": out, "model.name": name, "data.path": self.data}
         if target_metrics is not None:
             ev["model.target_metrics"] = target_metrics
         config = self.configs / "evaluate.yaml"
@@ -167,7 +185,7 @@ class Pipeline:
 
     def relearn(self, method: str):
         out = self.out / "relearn" / method
-        rl = {"model.path": self.out / "models" / method, "model.output_dir": out, "data.path": self.out / "data"}
+        rl = {"model.path": self.out / "models" / method, "model.output_dir": out, "data.path": self.data}
         config = self.configs / "relearn.yaml"
         self.step(f"relearn/{method}", out / "relearn.json", self.stage_inputs(config, rl),
                   lambda: self.stage("relearn", "fit", config, rl), upstream=(f"unlearn/{method}",))
@@ -176,10 +194,10 @@ class Pipeline:
         config = self.configs / "margins.yaml"
         for name in names:
             out = self.out / "margins" / name
-            mg = {"model.path": self.out / "models" / name, "model.probe": self.out / "probe",
-                  "model.output_dir": out, "data.path": self.out / "data"}
+            model = self.target if name == "target" else self.out / "models" / name
+            mg = {"model.path": model, "model.probe": self.out / "probe", "model.reference": self.target,
+                  "model.output_dir": out, "data.path": self.data}
             ups = ("probe", "finetune" if name == "target" else f"unlearn/{name}")
-            self.total += 0
             self.step(f"margins/{name}", out / "margins.json", self.stage_inputs(config, mg),
                       lambda: self.stage("margins", "test", config, mg), upstream=ups)
 
@@ -190,11 +208,10 @@ class Pipeline:
         write_report([self.out / "eval" / n for n in names], self.out)
         summary = {
             "preset": self.preset,
-            "models": {n: str(self.out / "models" / n) for n in names},
+            "models": {n: str(self.target if n == "target" else self.out / "models" / n) for n in names},
             "methods": {n: _read_json(self.out / "eval" / n / "metrics.json") for n in names},
             "relearn": {m: _read_json(self.out / "relearn" / m / "relearn.json") for m in self.methods},
-            "margins": {n: _read_json(self.out / "margins" / n / "margins.json")
-                        for n in ["target", *self.methods[:1]]},
+            "margins": {n: _read_json(self.out / "margins" / n / "margins.json") for n in self.margin_models},
             "seconds": self.seconds,
         }
         atomic_write_json(self.out / "summary.json", summary)
@@ -212,8 +229,12 @@ def main(argv: list[str]) -> int:
                         help="comma-separated methods (files of configs/<preset>/unlearn/), or 'all'")
     parser.add_argument("--out", default=None, help="output directory (default: logs/run-<preset>)")
     parser.add_argument("--fresh", action="store_true", help="delete the output directory first")
+    parser.add_argument("--data", default=None, help="benchmark directory (real-benchmark presets)")
+    parser.add_argument("--target", default=None, help="target model directory (real-benchmark presets)")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
+    if preset.synth is None and not (args.data and args.target):
+        raise UserError(f"preset {args.preset} needs --data DIR and --target DIR (local benchmark and target model)")
     if args.methods == "all":
         methods = sorted(p.stem for p in (CONFIGS / args.preset / "unlearn").glob("*.yaml"))
     else:
@@ -222,6 +243,7 @@ def main(argv: list[str]) -> int:
     if args.fresh:
         shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    Pipeline(args.preset, out, methods).run()
+    data, target = (Path(p) if p else None for p in (args.data, args.target))
+    Pipeline(args.preset, out, methods, data, target).run()
     print(f"pipeline {args.preset}: {time.perf_counter() - start:.0f}s in all", file=sys.stderr, flush=True)
     return 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -10,7 +12,7 @@ from typing import Literal
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from prism.errors import UserError
 
@@ -67,7 +69,7 @@ def benchmark_examples(fmt: str, path: str | Path, role: Literal["forget", "reta
 class TokenizedExamples(Dataset):
     def __init__(self, examples: list[Example], tokenizer, max_length: int, name: str):
         self.items = []
-        truncated = 0
+        truncated = empty = 0
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         for i, ex in enumerate(examples):
             prompt_ids = tokenizer(ex.prompt, add_special_tokens=False).input_ids if ex.prompt else []
@@ -77,11 +79,15 @@ class TokenizedExamples(Dataset):
             if len(ids) > max_length:
                 truncated += 1
                 ids, labels = ids[:max_length], labels[:max_length]
+                empty += all(x == -100 for x in labels)
             self.items.append({"input_ids": ids, "labels": labels, "index": i})
         if truncated:
             log.warning("%s: %d of %d texts are longer than max_length=%d tokens and were truncated",
                         name, truncated, len(examples), max_length)
-        self.truncated = truncated
+        if empty:
+            log.warning("%s: %d texts keep no answer token after truncation to max_length=%d (the prompt fills it): "
+                        "they carry no loss; raise max_length", name, empty, max_length)
+        self.truncated, self.without_target = truncated, empty
 
     def __len__(self):
         return len(self.items)
@@ -105,12 +111,82 @@ def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "index": index}
 
 
+class EpochSampler(DistributedSampler):
+    """The order of one pass over a dataset, replayable: a permutation seeded by (seed, epoch, pass within the
+    epoch), sharded over data-parallel ranks like DistributedSampler (so Lightning does not wrap it).
+
+    `resume_at` makes the next pass start after the first `start` indices of its shard, so a run resumed mid-epoch
+    sees exactly the batches an uninterrupted run would (Lightning restores the loop counters, not the data order).
+    """
+
+    def __init__(self, dataset, shuffle: bool, seed: int, num_replicas: int = 1, rank: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self.cycle = 0  # passes started in this epoch (the shorter loader of max_size_cycle runs several)
+        self._start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:  # Lightning calls it again for the epoch a resumed run is already in
+            self.epoch, self.cycle = epoch, 0
+
+    def resume_at(self, epoch: int, cycle: int, start: int) -> None:
+        self.epoch, self.cycle, self._start = epoch, cycle, start
+
+    def __iter__(self):
+        n = len(self.dataset)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(hash((self.seed, self.epoch, self.cycle)) % (2**63))
+            order = torch.randperm(n, generator=g).tolist()
+        else:
+            order = list(range(n))
+        if self.total_size > n:  # pad so every rank gets the same number of items
+            order += (order * math.ceil(self.total_size / n))[: self.total_size - n]
+        order = order[self.rank : self.total_size : self.num_replicas]
+        start, self._start = self._start, 0
+        self.cycle += 1
+        return iter(order[start:])
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose position Lightning saves in every checkpoint and restores on resume (the `state_dict` /
+    `load_state_dict` interface of Lightning's fit loop).
+
+    The position is (epoch, batches the training loop has taken in it), read from the trainer when the checkpoint is
+    written: the loader's own count would be one ahead, as Lightning fetches a batch in advance. From it the loader
+    finds the pass and the offset of the next batch (a shorter loader cycles under max_size_cycle).
+    """
+
+    def __init__(self, dataset, batch_size: int, sampler: EpochSampler, collate_fn, num_workers: int = 0,
+                 position=None):
+        # A private generator for worker seeds: iterating the data never draws from the global RNG, so a resumed run's
+        # global random stream (restored from the checkpoint) stays aligned with an uninterrupted one.
+        generator = torch.Generator().manual_seed(sampler.seed)
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
+                         num_workers=num_workers, generator=generator)
+        self.position = position
+
+    def state_dict(self) -> dict:
+        where = self.position() if self.position is not None else None
+        return {} if where is None else {"epoch": where[0], "batches": where[1]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "batches" not in state:
+            return
+        cycle, offset = divmod(int(state["batches"]), len(self))
+        self.sampler.resume_at(int(state["epoch"]), cycle, offset * self.batch_size)
+
+
+def _seed() -> int:
+    """The run's seed (Lightning's seed_everything exports it), so the data order follows the configured seed."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
 class BenchmarkData(LightningDataModule):
     """Forget and retain sets of a local benchmark.
 
     pairing="joint": one loader over forget ∪ retain (fine-tuning the target, relearning uses forget only via
     `retain_sources: []`). pairing="paired": each step yields {"forget": batch, "retain": batch}
     (CombinedLoader, max_size_cycle), the unlearning and probe stages' input.
+    Shuffling is seeded per epoch and the position is checkpointed, so `--ckpt_path last` resumes on the same batches.
     """
 
     def __init__(
@@ -127,17 +203,30 @@ class BenchmarkData(LightningDataModule):
         retain_batch_size: int | None = None,
         num_workers: int = 0,
         shuffle: bool = True,
+        seed: int | None = None,
     ):
+        """
+        Args:
+            seed: seed of the shuffling order (default: the run's seed_everything).
+        """
         super().__init__()
         self.save_hyperparameters(logger=False)  # the config file records them; `path` would clash with model.path
         self.tokenizer = None
 
-    def setup(self, stage: str | None = None):
+    def validate(self):
+        """Read, check and tokenise the data (no model weights): the CLI calls this before any model loads, so a bad
+        file fails in seconds with a message naming it. Idempotent; `setup` calls it too."""
         if self.tokenizer is not None:
             return
         from prism.models.loading import load_tokenizer
 
         h = self.hparams
+        for key in ("max_length", "batch_size", "retain_batch_size", "forget_limit"):
+            value = h[key]
+            if value is not None and value < 1:
+                raise UserError(f"data.{key} must be at least 1, got {value}")
+        if not h.forget_sources:
+            raise UserError("data.forget_sources is empty: give at least one of raw, qa")
         self.forget_examples = benchmark_examples(h.format, h.path, "forget", h.forget_sources)[: h.forget_limit]
         self.retain_examples = (
             benchmark_examples(h.format, h.path, "retain", h.retain_sources) if h.retain_sources else []
@@ -145,14 +234,34 @@ class BenchmarkData(LightningDataModule):
         overlap = len(set(self.forget_examples) & set(self.retain_examples))
         if overlap:
             log.warning("%s: %d examples are in both the forget and the retain set", h.path, overlap)
-        self.tokenizer = load_tokenizer(h.tokenizer, padding_side="right")
-        self.forget = TokenizedExamples(self.forget_examples, self.tokenizer, h.max_length, f"{h.path} forget")
-        self.retain = TokenizedExamples(self.retain_examples, self.tokenizer, h.max_length, f"{h.path} retain")
+        tokenizer = load_tokenizer(h.tokenizer, padding_side="right")
+        self.forget = TokenizedExamples(self.forget_examples, tokenizer, h.max_length, f"{h.path} forget")
+        self.retain = TokenizedExamples(self.retain_examples, tokenizer, h.max_length, f"{h.path} retain")
+        self.tokenizer = tokenizer
 
-    def _loader(self, dataset, batch_size, shuffle):
+    def setup(self, stage: str | None = None):
+        self.validate()
+
+    def _position(self) -> tuple[int, int] | None:
+        """(epoch, batches taken in it) of the running fit loop; an epoch's end counts as the next epoch's start."""
+        trainer = self.trainer
+        if trainer is None:
+            return None
+        epoch = trainer.current_epoch
+        taken = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        if taken >= trainer.num_training_batches:
+            epoch, taken = epoch + 1, 0
+        return epoch, taken
+
+    def _loader(self, dataset, batch_size, shuffle, slot: int = 0):
         pad = self.tokenizer.pad_token_id
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers,
-                          collate_fn=lambda items: collate(items, pad))
+        trainer = self.trainer
+        shard = getattr(trainer.strategy, "distributed_sampler_kwargs", None) if trainer is not None else None
+        shard = shard or {"num_replicas": 1, "rank": 0}
+        seed = (self.hparams.seed if self.hparams.seed is not None else _seed()) + slot
+        sampler = EpochSampler(dataset, shuffle, seed, num_replicas=shard["num_replicas"], rank=shard["rank"])
+        return ResumableLoader(dataset, batch_size, sampler, collate_fn=lambda items: collate(items, pad),
+                               num_workers=self.hparams.num_workers, position=self._position)
 
     def train_dataloader(self):
         h = self.hparams
@@ -161,5 +270,5 @@ class BenchmarkData(LightningDataModule):
             return self._loader(joint, h.batch_size, h.shuffle)
         loaders = {"forget": self._loader(self.forget, h.batch_size, h.shuffle)}
         if len(self.retain):
-            loaders["retain"] = self._loader(self.retain, h.retain_batch_size or h.batch_size, h.shuffle)
+            loaders["retain"] = self._loader(self.retain, h.retain_batch_size or h.batch_size, h.shuffle, slot=1)
         return CombinedLoader(loaders, mode="max_size_cycle")

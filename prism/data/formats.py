@@ -266,7 +266,7 @@ def load_conversational_qa(path: PathLike) -> list[dict]:
     return _check_records(path, _read_records(path), CONV_QA)
 
 
-def _wmdp_kind(path: Path, records: list) -> str:
+def wmdp_kind(path: Path, records: list) -> str:
     """The WMDP rule: `corpus` in the file name -> corpus; else the first record's keys decide."""
     if "corpus" in path.name:
         return "corpus"
@@ -290,7 +290,7 @@ def _check_wmdp(path: Path) -> dict[str, int]:
     if not files:
         raise DataFormatError(path, "no WMDP files (*.json, *.jsonl) in this directory")
     loaders = {"mcq": load_mcq, "corpus": load_corpus, "qa": load_conversational_qa}
-    return {p.name: len(loaders[_wmdp_kind(p, _read_records(p))](p)) for p in files}
+    return {p.name: len(loaders[wmdp_kind(p, _read_records(p))](p)) for p in files}
 
 
 # --------------------------------------------------------------------------- TOFU

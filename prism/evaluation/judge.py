@@ -172,20 +172,21 @@ class HFJudge(Judge):
         self.model = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code).eval().requires_grad_(False)
         if device is not None:
             self.model.to(device)
-        self.yes_ids = self._first_tokens(("yes", "Yes", "YES"))
-        self.no_ids = self._first_tokens(("no", "No", "NO"))
-        if set(self.yes_ids) & set(self.no_ids):
+        yes, no = self._first_tokens(("yes", "Yes", "YES")), self._first_tokens(("no", "No", "NO"))
+        # A spelling whose first token is shared (e.g. a lone space token) tells nothing: drop it from both.
+        self.yes_ids, self.no_ids = sorted(yes - no), sorted(no - yes)
+        if not self.yes_ids or not self.no_ids:
             raise UserError(f"judge {path}: its tokenizer cannot tell 'yes' from 'no' by the first token")
         self.name = f"hf:{Path(self.path).name}"
 
-    def _first_tokens(self, words: Sequence[str]) -> list[int]:
+    def _first_tokens(self, words: Sequence[str]) -> set[int]:
         ids = set()
         for w in words:
             for form in (w, " " + w):
                 enc = self.tokenizer(form, add_special_tokens=False)["input_ids"]
                 if enc:
                     ids.add(int(enc[0]))
-        return sorted(ids)
+        return ids
 
     def prompt(self, request: str, response: str) -> str:
         text = self.template.format(request=request, response=response)

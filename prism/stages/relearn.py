@@ -6,8 +6,9 @@ forget set and re-evaluate it at given step counts, all in one run.
 - Training is the finetune stage's NLL step, unchanged (RelearnModule subclasses FinetuneModule). The data is the
   ordinary BenchmarkData with `pairing: joint`, `retain_sources: []` (forget only) and `forget_limit` (subset size);
   lr and batch size are the usual `model.lr` / `data.batch_size`.
-- RelearnCurve (a callback the module adds itself) runs the MUSE evaluator at every step in `model.eval_steps`,
-  step 0 before any update included; `trainer.max_steps` defaults to the last of them.
+- RelearnCurve (a callback the module adds itself) runs the benchmark's evaluator (prism.stages.evaluate.
+  BenchmarkEvaluator: MUSE metrics for MUSE data, KnowMem-style ROUGE for TOFU, MCQ accuracy for WMDP) at every
+  step in `model.eval_steps`, step 0 before any update included; `trainer.max_steps` defaults to the last of them.
 - Outputs in `output_dir` (default: the run's log dir), rewritten atomically after every point so an interrupted
   run keeps its partial curve: relearn.json (the step list and, per step, VerbMem, KnowMem forget / retain and every
   other metric of the evaluator), relearn.png (those three against steps); TensorBoard scalars `relearn/<metric>`
@@ -37,6 +38,14 @@ CURVE_METRICS: tuple[str, ...] = ("verbmem_f", "knowmem_f", "knowmem_r")
 LABELS = {"verbmem_f": "VerbMem (forget)", "knowmem_f": "KnowMem (forget)", "knowmem_r": "KnowMem (retain)"}
 
 
+def curve_keys(points: list[dict]) -> list[str]:
+    """The curve's metrics: VerbMem and KnowMem forget/retain (MUSE; TOFU has the KnowMem pair), else every
+    metric of the evaluator (WMDP: MCQ accuracy per file)."""
+    present = set().union(*(p.keys() for p in points)) if points else set()
+    keys = [k for k in CURVE_METRICS if k in present]
+    return keys or sorted(k for k in present if k != "step")
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Binary sibling of prism.io.atomic_write_text (temporary file in the same directory, then rename)."""
     path = Path(path)
@@ -64,11 +73,12 @@ def curve_png(points: list[dict], title: str) -> bytes:
     fig = Figure(figsize=(6, 4), dpi=100)
     ax = fig.add_subplot()
     steps = [p["step"] for p in points]
-    for key in CURVE_METRICS:
-        ys = [p.get(key, math.nan) for p in points]
-        ax.plot(steps, ys, marker="o", label=LABELS[key])
+    keys = curve_keys(points)
+    for key in keys:
+        ys = [math.nan if p.get(key) is None else p[key] for p in points]
+        ax.plot(steps, ys, marker="o", label=LABELS.get(key, key))
     ax.set_xlabel("relearning steps")
-    ax.set_ylabel("ROUGE-L F1 ×100")
+    ax.set_ylabel("ROUGE-L F1 ×100" if set(keys) <= set(CURVE_METRICS) else "score ×100")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -96,19 +106,20 @@ class RelearnCurve(Callback):
     def setup(self, trainer, pl_module, stage):
         if stage != "fit" or self.evaluator is not None:
             return
-        from prism.stages.evaluate import MuseEvaluator
+        from prism.stages.evaluate import BenchmarkEvaluator
 
         data = trainer.datamodule
-        if data is None or getattr(data.hparams, "format", "muse") != "muse":
-            raise UserError("relearn evaluates MUSE metrics: use data.format muse (a MUSE-layout benchmark)")
-        self.evaluator = MuseEvaluator(data.hparams.path, **self.evaluator_kwargs)
+        if data is None or not hasattr(data.hparams, "path"):
+            raise UserError("relearn needs a benchmark DataModule (prism.data.datamodule.BenchmarkData)")
+        self.evaluator = BenchmarkEvaluator(data.hparams.path, getattr(data.hparams, "format", "muse"),
+                                            **self.evaluator_kwargs)
         last = self.steps[-1]
         if trainer.max_steps == -1:
             trainer.fit_loop.epoch_loop.max_steps = last
             log.info("relearn: trainer.max_steps set to %d, the last evaluation step", last)
         elif trainer.max_steps < last:
             raise UserError(f"trainer.max_steps={trainer.max_steps} < the last eval step {last}: raise max_steps")
-        self.meta.update(data=str(data.hparams.path), batch_size=data.hparams.batch_size,
+        self.meta.update(data=str(data.hparams.path), format=data.hparams.format, batch_size=data.hparams.batch_size,
                          forget_limit=data.hparams.forget_limit, forget_sources=list(data.hparams.forget_sources))
 
     def output_dir(self, trainer) -> Path:
@@ -141,14 +152,14 @@ class RelearnCurve(Callback):
         for logger in trainer.loggers:
             logger.log_metrics({f"relearn/{k}": float(v) for k, v in point.items() if k != "step" and v is not None},
                                step=step)
-        log.info("relearn step %d: %s", step, {k: round(point[k], 2) for k in CURVE_METRICS if point.get(k) is not None})
+        log.info("relearn step %d: %s", step, {k: round(point[k], 2) for k in curve_keys([point]) if point.get(k) is not None})
         self.write(trainer)
 
     def result(self) -> dict:
         return {
             **self.meta,
             "steps": [p["step"] for p in self.points],
-            **{k: [p.get(k) for p in self.points] for k in CURVE_METRICS},
+            **{k: [p.get(k) for p in self.points] for k in curve_keys(self.points)},
             "points": self.points,
             "planned_steps": self.steps,
         }

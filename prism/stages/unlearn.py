@@ -7,8 +7,13 @@ One step (DESIGN.md section 1, stage 2), top to bottom in `training_step`:
   4. g_r = ∇L_retain(θ) on the retain batch
   5. g_f ← g_f − (⟨g_f,g_r⟩/‖g_r‖²)·g_r                                    [decoupling mode/scope]
   6. grad = c_f·g_f + c_r·g_r, optimiser step
-Gradient-sized buffers per trainable parameter: g_f (kept while g_r is computed) and g_r (the .grad the
-optimiser reads, combined in place); SAM adds one copy of θ (for a bit-exact restore), freed before step 4.
+Three forward+backward passes (forget, perturbed forget, retain), no reference forward (NPO's log π_ref is cached).
+Gradient-sized buffers per trainable parameter: at most 2 at any time, because the projection needs g_f and g_r at
+once. Timeline: after pass 1, g and SAM's saved copy of θ (for a bit-exact restore; an e buffer would be the same
+size); g is freed before pass 2, which makes g_f next to the saved θ; the saved θ is freed before pass 3, which makes
+g_r next to g_f. Decoupling and the combination are in place on g_f and g_r (scalar temporaries only), so the .grad
+the optimiser reads is g_r's buffer. Under DDP add the reducer's own bucket copy; under FSDP2 every buffer is a
+1/world shard. Strategies: prism/stages/parallel.py (ddp, fsdp2; DeepSpeed without SAM/decoupling).
 """
 
 from __future__ import annotations
@@ -23,16 +28,18 @@ import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch import LightningModule
 
-from prism.errors import UserError
+from prism.errors import TrainingAborted, UserError
 from prism.models.loading import load_model, load_tokenizer
 from prism.models.probe import load_probe, pool
 from prism.objectives.losses import lambda_schedule, sequence_logprob
 from prism.objectives.probe import probe_term
 from prism.objectives.terms import NLL, NPO, Objective
 from prism.smoothing.gcd import decouple
-from prism.smoothing.reduce import sq_norm
+from prism.smoothing.reduce import local, sq_norm
 from prism.smoothing.sam import sam_ascent, sam_restore
 from prism.stages.common import DTYPES, output_dir, save_hf_checkpoint
+from prism.stages.parallel import (apply_fsdp2, data_parallel_mesh, enable_activation_checkpointing, fused_adamw_ok,
+                                   strategy_kind)
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +93,7 @@ class UnlearnModule(LightningModule):
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps whatever mode it finds
         self.tokenizer = load_tokenizer(path)
         if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            enable_activation_checkpointing(self.model)
         self.probe, self.probe_meta = None, None
         if probe is not None:
             self.probe, self.probe_meta = load_probe(probe)
@@ -123,11 +130,54 @@ class UnlearnModule(LightningModule):
         """A frozen copy of the initial model, made only for objectives that need one (KL, RMU retain)."""
         return self.__dict__["_frozen"]
 
+    # --- strategies (see prism/stages/parallel.py) ------------------------------------------------------------
+    def _needs_frozen_model(self) -> bool:
+        return any(o is not None and o.needs_frozen_model for o in (self.forget_objective, self.retain_objective))
+
+    def configure_model(self):
+        """FSDP2 under `--trainer.strategy=fsdp2` (ModelParallelStrategy): shard the LM, and the frozen copy that
+        KL / RMU need, made before sharding and sharded the same way. A no-op under every other strategy."""
+        mesh = data_parallel_mesh(self)
+        if mesh is None:
+            return
+        if self._needs_frozen_model() and "_frozen" not in self.__dict__:
+            self.__dict__["_frozen"] = apply_fsdp2(copy.deepcopy(self.model).eval().requires_grad_(False), mesh)
+        apply_fsdp2(self.model, mesh)
+
+    @property
+    def strategy_owns_gradients(self) -> bool:
+        """True under DeepSpeed: ZeRO keeps gradients in its own buffers, .grad is not the gradient."""
+        return self._trainer is not None and strategy_kind(self.trainer.strategy) == "deepspeed"
+
+    def _check_strategy(self):
+        """Refuse what would be silently wrong rather than run it."""
+        h, strategy = self.hparams, self.trainer.strategy
+        kind = strategy_kind(strategy)
+        if kind == "fsdp1":
+            raise UserError(
+                "the unlearn stage does not run under FSDPStrategy (FSDP1): resetting .grad zeroes FSDP1's flat gradient "
+                "in place, so g_f cannot be kept while g_r is computed. Use --trainer.strategy=fsdp2 (FSDP2, "
+                "configs/strategy/fsdp.yaml)."
+            )
+        if kind == "deepspeed" and (h.sam_rho or h.decoupling != "off" or h.gradient_clip):
+            raise UserError(
+                "DeepSpeed owns the gradients (ZeRO partitions them into its own buffers), so SAM (sam_rho), "
+                "gradient-conflict decoupling and gradient_clip cannot be applied under it: use --trainer.strategy=ddp "
+                "or fsdp2 for PRISM; under DeepSpeed set gradient clipping in the DeepSpeed config."
+            )
+        if kind == "ddp" and getattr(strategy, "_ddp_kwargs", {}).get("gradient_as_bucket_view"):
+            raise UserError("the unlearn stage needs DDP's gradient_as_bucket_view=False: it keeps g_f while g_r is computed")
+        if str(self.trainer.precision) in ("16-mixed", "16"):
+            raise UserError("precision 16-mixed (fp16 loss scaling) is not supported by the unlearn stage: use bf16-mixed, "
+                            "bf16-true or 32-true")
+
     def on_fit_start(self):
-        objectives = [o for o in (self.forget_objective, self.retain_objective) if o is not None]
-        if any(o.needs_frozen_model for o in objectives) and "_frozen" not in self.__dict__:
-            # Kept out of the module tree: never trained, saved or sharded.
+        self._check_strategy()
+        if self._needs_frozen_model() and "_frozen" not in self.__dict__:
+            # Kept out of the module tree: never trained, saved or sharded by Lightning.
             self.__dict__["_frozen"] = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if "_frozen" in self.__dict__:
+            self.__dict__["_frozen"].to(self.device)  # made in configure_model under FSDP2, before the move to device
         if self.forget_objective.needs_reference_logprobs and self.ref_logprobs is None:
             data = self.trainer.datamodule
             self.ref_logprobs = self.compute_reference_logprobs(data.forget, data.tokenizer.pad_token_id,
@@ -181,6 +231,8 @@ class UnlearnModule(LightningModule):
         return self.retain_objective(out, batch, self)
 
     def training_step(self, batch, batch_idx):
+        if self.strategy_owns_gradients:
+            return self._summed_loss_step(batch)
         h = self.hparams
         opt = self.optimizers()
         params = self.trainable_params
@@ -237,13 +289,39 @@ class UnlearnModule(LightningModule):
             self._skip_nonfinite(opt)
         else:
             self._nonfinite = 0
-            if h.gradient_clip:
-                self.clip_gradients(opt, gradient_clip_val=h.gradient_clip, gradient_clip_algorithm="norm")
+            if h.gradient_clip:  # by the whole-model norm above (sharding-aware); clip_grad_norm_'s rule
+                coef = (h.gradient_clip / (total + 1e-6)).clamp(max=1.0)
+                for g in (p.grad for p in params if p.grad is not None):
+                    local(g).mul_(coef.to(local(g).dtype))
             opt.step()
         opt.zero_grad(set_to_none=True)
         self.log_dict({f"unlearn/{k}": float(v) for k, v in logs.items()}, prog_bar=False,
                       batch_size=forget["input_ids"].shape[0])
         self.log("forget_loss", float(terms["forget_loss"]), prog_bar=True, logger=False)
+
+    def _summed_loss_step(self, batch):
+        """For strategies that own the gradients (DeepSpeed): one backward of c_f·ℓ_f + c_r·ℓ_r, the same gradient
+        as steps 1, 4 and 6 above when SAM and decoupling are off (_check_strategy refuses them there)."""
+        h, opt = self.hparams, self.optimizers()
+        forget, retain = batch["forget"], batch.get("retain")
+        lam = lambda_schedule(self.progress(), h.lambda_max) if self.probe is not None else 0.0
+        loss_f, logs = self.forget_loss(forget, lam)
+        loss = h.forget_weight * loss_f
+        if self.retain_objective is not None and retain is not None:
+            loss_r = self.retain_loss(retain)
+            logs["retain_loss"] = loss_r.detach()
+            loss = loss + h.retain_weight * loss_r
+        opt.zero_grad()
+        if not torch.isfinite(loss):
+            self._skip_nonfinite(opt)
+        else:
+            self._nonfinite = 0
+            self.manual_backward(loss)
+            opt.step()
+            opt.zero_grad()
+        self.log_dict({f"unlearn/{k}": float(v) for k, v in {"lambda": lam, **logs}.items()}, prog_bar=False,
+                      batch_size=forget["input_ids"].shape[0])
+        self.log("forget_loss", float(logs["forget_loss"]), prog_bar=True, logger=False)
 
     def _skip_nonfinite(self, opt):
         self._nonfinite += 1
@@ -251,15 +329,16 @@ class UnlearnModule(LightningModule):
         log.warning("non-finite loss or gradient at step %d: update skipped (%d in a row)",
                     self.global_step, self._nonfinite)
         if self._nonfinite >= self.hparams.max_nonfinite_steps:
-            raise RuntimeError(
+            ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
+            raise TrainingAborted(
                 f"unlearning aborted: {self._nonfinite} consecutive steps with a non-finite loss or gradient "
                 f"(max_nonfinite_steps={self.hparams.max_nonfinite_steps}); lower the learning rate or sam_rho. "
-                "The last good checkpoint is kept."
+                f"The last good checkpoint is kept ({ckpt})."
             )
 
     def configure_optimizers(self):
         h = self.hparams
-        fused = self.device.type == "cuda"  # fused AdamW exists on CUDA only
+        fused = fused_adamw_ok(self.device)  # fused AdamW kernels on CUDA; foreach elsewhere
         return torch.optim.AdamW(self.trainable_params, lr=h.lr, weight_decay=h.weight_decay, fused=fused or None)
 
     # --- end and resume ----------------------------------------------------------------------------------------
