@@ -9,8 +9,10 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import pickle
 import sys
 import traceback
+import zipfile
 from pathlib import Path
 
 import yaml
@@ -52,8 +54,9 @@ CHECKPOINT_DEFAULTS = {
     "checkpoint.save_top_k": 0,  # last.ckpt only: a resume point, not a model zoo
     "checkpoint.enable_version_counter": False,
 }
-# Model-config keys that name a model directory (checked before anything loads).
+# Model-config keys that name a model directory, or a file, checked before anything loads.
 MODEL_DIR_KEYS = ("path", "reference", "judge_path")
+MODEL_FILE_KEYS = ("target_metrics",)
 
 
 def _check_model_inputs(model_cfg) -> None:
@@ -69,6 +72,10 @@ def _check_model_inputs(model_cfg) -> None:
             check_model_dir(value, trust_remote_code=trust)
         except UserError as err:
             raise UserError(f"model.{key}: {err}") from None
+    for key in MODEL_FILE_KEYS:
+        value = model_cfg.get(key)
+        if value is not None and not Path(value).is_file():
+            raise UserError(f"model.{key}: file '{value}' not found")
     if model_cfg.get("probe") is not None and model_cfg.get("path") is not None:
         try:
             check_probe_dir(model_cfg.get("probe"), model_cfg.get("path"))
@@ -98,6 +105,11 @@ def _cli_class():
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
             parser.set_defaults(CHECKPOINT_DEFAULTS)
 
+        def parse_arguments(self, parser, args):
+            super().parse_arguments(parser, args)
+            if self.config.get("subcommand"):  # before LightningCLI itself reads the checkpoint's hyperparameters
+                self._check_ckpt_path(self.config[self.config.subcommand].get("ckpt_path"))
+
         def before_instantiate_classes(self):
             cfg = self.config[self.subcommand]
             if "weights_only" in cfg and cfg.get("weights_only") is None:
@@ -124,6 +136,17 @@ def _cli_class():
                 callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
             return self._instantiate_trainer(config, [*callbacks, ResumeRNG()])
 
+        @staticmethod
+        def _check_ckpt_path(ckpt_path):
+            if ckpt_path is None or ckpt_path in ("last", "best", "hpc", "registry") or "://" in str(ckpt_path):
+                return
+            path = Path(ckpt_path)
+            if not path.is_file():
+                raise UserError(f"ckpt_path: '{ckpt_path}' is not a file (use 'last' to resume the latest run of "
+                                "this configuration)")
+            if not zipfile.is_zipfile(path):
+                raise UserError(f"ckpt_path: '{ckpt_path}' is truncated or not a checkpoint written by torch.save")
+
         def _pin_resume_version(self, cfg):
             """`--ckpt_path last` resumes the newest run of THIS configuration: point the logger at its version
             directory, so Lightning finds <version>/checkpoints/last.ckpt and the run keeps logging where it was."""
@@ -143,9 +166,13 @@ def _cli_class():
                 current = None
             for ckpt in candidates:
                 run_dir = ckpt.parent.parent
-                saved_file = run_dir / "config.yaml"
-                saved = yaml.safe_load(saved_file.read_text()) if saved_file.is_file() else None
-                if current is None or (saved and all(saved.get(k) == current.get(k) for k in keys)):
+                if not run_dir.name.split("_", 1)[1].isdigit():
+                    continue
+                try:
+                    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+                except (OSError, yaml.YAMLError):
+                    saved = None
+                if current is None or (isinstance(saved, dict) and all(saved.get(k) == current.get(k) for k in keys)):
                     init.version = int(run_dir.name.split("_", 1)[1])
                     log.info("resuming %s from %s", self.subcommand, ckpt)
                     return
@@ -174,11 +201,27 @@ def run_stage(stage: str, args: list[str]):
     )
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted (tests and notebooks swap it; a handler holding the
+    stream it was created with would write into a closed one)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _setup_logging():
     """prism's own messages on stderr; Lightning and transformers keep their handlers (no double lines)."""
     logger = logging.getLogger("prism")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[prism] %(levelname)s %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
@@ -217,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except UserError as err:
         print(f"prism: error: {err}", file=sys.stderr)
+        sys.exit(EXIT_USER)
+    except pickle.UnpicklingError as err:  # a checkpoint with more than tensors: torch refused to run its code
+        reason = next((ln for ln in str(err).splitlines() if "GLOBAL" in ln), str(err).splitlines()[0])
+        print(f"prism: error: refusing to load a file that would run code when unpickled ({reason.strip()}); only "
+              "tensors and plain values are loaded (weights_only=True)", file=sys.stderr)
         sys.exit(EXIT_USER)
     except TrainingAborted as err:
         print(f"prism: aborted: {err}", file=sys.stderr)

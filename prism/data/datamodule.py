@@ -175,9 +175,33 @@ class ResumableLoader(DataLoader):
         self.sampler.resume_at(int(state["epoch"]), cycle, offset * self.batch_size)
 
 
-def _seed() -> int:
+def run_seed() -> int:
     """The run's seed (Lightning's seed_everything exports it), so the data order follows the configured seed."""
     return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+def loop_position(datamodule: LightningDataModule) -> tuple[int, int] | None:
+    """(epoch, batches the fit loop has taken in it); an epoch's end counts as the next epoch's start."""
+    trainer = datamodule.trainer
+    if trainer is None:
+        return None
+    epoch = trainer.current_epoch
+    taken = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+    if taken >= trainer.num_training_batches:
+        epoch, taken = epoch + 1, 0
+    return epoch, taken
+
+
+def resumable_loader(datamodule: LightningDataModule, dataset, batch_size: int, shuffle: bool, seed: int,
+                     collate_fn=None, num_workers: int = 0) -> ResumableLoader:
+    """A training loader of `datamodule` whose order is seeded per epoch, sharded over the strategy's data-parallel
+    ranks, and whose position goes into every checkpoint (exact resume)."""
+    trainer = datamodule.trainer
+    shard = getattr(trainer.strategy, "distributed_sampler_kwargs", None) if trainer is not None else None
+    shard = shard or {"num_replicas": 1, "rank": 0}
+    sampler = EpochSampler(dataset, shuffle, seed, num_replicas=shard["num_replicas"], rank=shard["rank"])
+    return ResumableLoader(dataset, batch_size, sampler, collate_fn=collate_fn, num_workers=num_workers,
+                           position=lambda: loop_position(datamodule))
 
 
 class BenchmarkData(LightningDataModule):
@@ -242,26 +266,11 @@ class BenchmarkData(LightningDataModule):
     def setup(self, stage: str | None = None):
         self.validate()
 
-    def _position(self) -> tuple[int, int] | None:
-        """(epoch, batches taken in it) of the running fit loop; an epoch's end counts as the next epoch's start."""
-        trainer = self.trainer
-        if trainer is None:
-            return None
-        epoch = trainer.current_epoch
-        taken = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        if taken >= trainer.num_training_batches:
-            epoch, taken = epoch + 1, 0
-        return epoch, taken
-
-    def _loader(self, dataset, batch_size, shuffle, slot: int = 0):
+    def _loader(self, dataset, batch_size: int, shuffle: bool, seed_offset: int = 0) -> ResumableLoader:
         pad = self.tokenizer.pad_token_id
-        trainer = self.trainer
-        shard = getattr(trainer.strategy, "distributed_sampler_kwargs", None) if trainer is not None else None
-        shard = shard or {"num_replicas": 1, "rank": 0}
-        seed = (self.hparams.seed if self.hparams.seed is not None else _seed()) + slot
-        sampler = EpochSampler(dataset, shuffle, seed, num_replicas=shard["num_replicas"], rank=shard["rank"])
-        return ResumableLoader(dataset, batch_size, sampler, collate_fn=lambda items: collate(items, pad),
-                               num_workers=self.hparams.num_workers, position=self._position)
+        seed = (self.hparams.seed if self.hparams.seed is not None else run_seed()) + seed_offset
+        return resumable_loader(self, dataset, batch_size, shuffle, seed, lambda items: collate(items, pad),
+                                self.hparams.num_workers)
 
     def train_dataloader(self):
         h = self.hparams
@@ -270,5 +279,5 @@ class BenchmarkData(LightningDataModule):
             return self._loader(joint, h.batch_size, h.shuffle)
         loaders = {"forget": self._loader(self.forget, h.batch_size, h.shuffle)}
         if len(self.retain):
-            loaders["retain"] = self._loader(self.retain, h.retain_batch_size or h.batch_size, h.shuffle, slot=1)
+            loaders["retain"] = self._loader(self.retain, h.retain_batch_size or h.batch_size, h.shuffle, seed_offset=1)
         return CombinedLoader(loaders, mode="max_size_cycle")

@@ -113,7 +113,8 @@ class Judge:
     def refusals(self, requests: Sequence[str], responses: Sequence[str]) -> list[bool]:
         raise NotImplementedError
 
-    def __call__(self, requests: Sequence[str], responses: Sequence[str], contexts: Sequence[str] | None = None) -> list[dict]:
+    def __call__(self, requests: Sequence[str], responses: Sequence[str],
+                 contexts: Sequence[str] | None = None) -> list[dict]:
         """One dict per item: verdict (refusal|compliance|leak), refused (bool), empty (no visible text; judged a
         refusal: it does not comply), leaked (facts found)."""
         if len(requests) != len(responses):

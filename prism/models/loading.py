@@ -158,7 +158,10 @@ def load_tokenizer(path: str | os.PathLike, padding_side: str = "right", trust_r
     directory = resolve_model_dir(path)
     if not trust_remote_code:
         _refuse_custom_code(directory, [f for f in custom_code_files(directory) if f == "tokenizer_config.json"])
-    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - corrupt or foreign tokenizer files: name the directory and the cause
+        raise UserError(f"cannot load the tokenizer of '{directory}': {type(e).__name__}: {e}") from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise UserError(f"tokenizer of '{directory}' has neither a pad nor an eos token: add a pad_token to "
@@ -177,8 +180,16 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, trus
     directory = check_model_dir(path, trust_remote_code)
     config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code, local_files_only=True)
     try:
-        return AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=dtype, local_files_only=True,
-                                                    trust_remote_code=trust_remote_code, weights_only=True)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            directory, config=config, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code,
+            weights_only=True, output_loading_info=True)
+    except RuntimeError as e:
+        if "mismatch" not in str(e):
+            raise
+        raise UserError(f"the weights in '{directory}' do not fit its config.json (shape mismatch; see the load "
+                        "report above): the directory mixes files of different models") from None
+    except OSError as e:
+        raise UserError(f"cannot read the weights of '{directory}': {e}") from None
     except pickle.UnpicklingError as e:
         lines = str(e).splitlines()
         reason = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else "")
@@ -186,6 +197,11 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, trus
             f"refusing to load the weights of '{directory}': its .bin/.pt file holds more than tensors and would run "
             f"code when unpickled ({reason.strip()}). Convert it to safetensors with a trusted tool."
         ) from None
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers would fill them with random values and carry on
+        raise UserError(f"the weights in '{directory}' lack {len(missing)} parameters of its architecture "
+                        f"(e.g. {', '.join(missing[:3])}): an incomplete checkpoint")
+    return model
 
 
 def check_probe_dir(probe: str | os.PathLike, model: str | os.PathLike) -> dict:

@@ -27,8 +27,9 @@ def output_dir(module: LightningModule, configured: str | None, name: str = "mod
 
 
 def save_hf_checkpoint(module: LightningModule, model, tokenizer, out: Path) -> Path | None:
-    """save_pretrained of the full (unsharded) model, written atomically by rank 0."""
-    trainer = module.trainer
+    """save_pretrained of the full (unsharded) model (safetensors), written atomically by rank 0: a kill during the
+    write leaves the previous checkpoint (or none), never a half-written one."""
+    trainer = module._trainer  # None outside a Trainer (module.trainer would raise)
     # The strategy gathers the full state dict (FSDP/DeepSpeed shards) and returns it on rank 0.
     full = trainer.strategy.lightning_module_state_dict() if trainer is not None else module.state_dict()
     prefix = next(name for name, child in module.named_children() if child is model) + "."

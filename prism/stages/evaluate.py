@@ -155,6 +155,12 @@ class EvaluationData(LightningDataModule):
         super().__init__()
         self.save_hyperparameters(logger=False)
 
+    def validate(self):
+        """Check the benchmark's files (no model weights): the CLI calls this before any model loads."""
+        from prism.data.formats import check
+
+        check(self.hparams.format, self.hparams.path)
+
     def test_dataloader(self):
         return DataLoader([0], batch_size=1)
 

@@ -257,6 +257,10 @@ class JailbreakData(LightningDataModule):
         self.save_hyperparameters(logger=False)
         self.items = None
 
+    def validate(self):
+        """Read the attack file and build the prompts (no model weights): the CLI calls this before any model loads."""
+        self.setup()
+
     def setup(self, stage=None):
         if self.items is not None:
             return

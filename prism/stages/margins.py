@@ -67,6 +67,10 @@ class MarginsData(LightningDataModule):
         self.save_hyperparameters(logger=False)
         self.forget = None
 
+    def validate(self):
+        """Read and tokenise the texts (no model weights): the CLI calls this before any model loads."""
+        self.setup()
+
     def setup(self, stage=None):
         if self.forget is not None:
             return

@@ -20,7 +20,10 @@ Strategies, as `--trainer.strategy=...` (or the overlays in configs/strategy/):
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 
 from prism.errors import UserError
@@ -36,11 +39,11 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     strategy_name = "fsdp2"
 
-    def __init__(self, save_distributed_checkpoint: bool = False, **kwargs):
-        kwargs.pop("data_parallel_size", None)
-        kwargs.pop("tensor_parallel_size", None)
+    def __init__(self, save_distributed_checkpoint: bool = False, process_group_backend: str | None = None,
+                 timeout: timedelta = default_pg_timeout):
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
-                         save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+                         save_distributed_checkpoint=save_distributed_checkpoint,
+                         process_group_backend=process_group_backend, timeout=timeout)
 
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes

@@ -16,9 +16,9 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from prism.data.datamodule import Source, TokenizedExamples, benchmark_examples, collate
+from prism.data.datamodule import Source, TokenizedExamples, benchmark_examples, collate, resumable_loader
 from prism.errors import UserError
-from prism.models.loading import load_model, load_tokenizer
+from prism.models.loading import load_model, load_tokenizer, model_dims
 from prism.models.probe import Probe, pool, save_probe
 from prism.objectives.probe import fgsm_perturbation, robust_probe_loss
 from prism.stages.common import output_dir
@@ -67,25 +67,34 @@ class ProbeData(LightningDataModule):
         self.save_hyperparameters(logger=False)  # the config file records them; `path` would clash with model.path
         self.features = None
 
-    def setup(self, stage=None):
-        if self.features is not None:
+    def validate(self):
+        """Files, tokenisation and candidate layers, without model weights (the CLI calls this before any load)."""
+        if getattr(self, "texts", None) is not None:
             return
         h = self.hparams
         forget = benchmark_examples(h.format, h.path, "forget", h.forget_sources)
         retain = benchmark_examples(h.format, h.path, "retain", h.retain_sources)
-        tokenizer = load_tokenizer(h.tokenizer)
-        model = load_model(h.tokenizer)
-        n_layers = model.config.num_hidden_layers
+        self.tokenizer = load_tokenizer(h.tokenizer)
+        n_layers = model_dims(h.tokenizer)[1]
         self.layers = list(h.layers) if h.layers else list(range(1, n_layers + 1))
         bad = [layer for layer in self.layers if not 0 <= layer <= n_layers]
         if bad:
             raise UserError(f"data.layers {bad} out of range: the model has hidden states 0..{n_layers}")
-        texts = TokenizedExamples(forget + retain, tokenizer, h.max_length, f"{h.path} probe texts")
+        self.counts = (len(forget), len(retain))
+        self.texts = TokenizedExamples(forget + retain, self.tokenizer, h.max_length, f"{h.path} probe texts")
+
+    def setup(self, stage=None):
+        if self.features is not None:
+            return
+        self.validate()
+        h, tokenizer, texts = self.hparams, self.tokenizer, self.texts
+        forget, retain = self.counts
+        model = load_model(h.tokenizer)
         loader = DataLoader(texts, batch_size=h.extract_batch_size, collate_fn=lambda b: collate(b, tokenizer.pad_token_id))
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.features = extract_features(model, loader, self.layers, h.pooling, device)
         del model
-        self.labels = torch.cat([torch.ones(len(forget)), torch.zeros(len(retain))]).long()
+        self.labels = torch.cat([torch.ones(forget), torch.zeros(retain)]).long()
         order = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(h.seed))
         n_val = max(1, int(round(h.val_fraction * len(order))))
         self.val_idx, self.train_idx = order[:n_val], order[n_val:]
@@ -94,7 +103,8 @@ class ProbeData(LightningDataModule):
         return TensorDataset(torch.stack([self.features[layer][idx] for layer in self.layers], 1), self.labels[idx])
 
     def train_dataloader(self):
-        return DataLoader(self._dataset(self.train_idx), batch_size=self.hparams.batch_size, shuffle=True)
+        # seeded per epoch and checkpointed: `--ckpt_path last` resumes on the same batches
+        return resumable_loader(self, self._dataset(self.train_idx), self.hparams.batch_size, True, self.hparams.seed)
 
     def val_dataloader(self):
         return DataLoader(self._dataset(self.val_idx), batch_size=len(self.val_idx))

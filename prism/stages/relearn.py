@@ -119,8 +119,9 @@ class RelearnCurve(Callback):
             log.info("relearn: trainer.max_steps set to %d, the last evaluation step", last)
         elif trainer.max_steps < last:
             raise UserError(f"trainer.max_steps={trainer.max_steps} < the last eval step {last}: raise max_steps")
-        self.meta.update(data=str(data.hparams.path), format=data.hparams.format, batch_size=data.hparams.batch_size,
-                         forget_limit=data.hparams.forget_limit, forget_sources=list(data.hparams.forget_sources))
+        h = data.hparams
+        self.meta.update(data=str(h.path), format=h.format, batch_size=h.batch_size, forget_limit=h.forget_limit,
+                         forget_sources=list(h.forget_sources))
 
     def output_dir(self, trainer) -> Path:
         return Path(self.configured_output or trainer.log_dir or trainer.default_root_dir)
@@ -144,7 +145,8 @@ class RelearnCurve(Callback):
 
     def _evaluate(self, trainer, pl_module, step: int):
         metrics, _ = self.evaluator(pl_module.model, pl_module.tokenizer)
-        point = {"step": step, **{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}}
+        clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+        point = {"step": step, **clean}
         self.points.append(point)
         self.points.sort(key=lambda p: p["step"])
         if not trainer.is_global_zero:
@@ -152,7 +154,8 @@ class RelearnCurve(Callback):
         for logger in trainer.loggers:
             logger.log_metrics({f"relearn/{k}": float(v) for k, v in point.items() if k != "step" and v is not None},
                                step=step)
-        log.info("relearn step %d: %s", step, {k: round(point[k], 2) for k in curve_keys([point]) if point.get(k) is not None})
+        shown = {k: round(point[k], 2) for k in curve_keys([point]) if point.get(k) is not None}
+        log.info("relearn step %d: %s", step, shown)
         self.write(trainer)
 
     def result(self) -> dict:
@@ -222,4 +225,5 @@ class RelearnModule(FinetuneModule):
     def on_train_end(self):
         # Not FinetuneModule's: its output_dir is a model directory, here it holds the curve.
         if self.hparams.save_model:
-            self.saved_to = save_hf_checkpoint(self, self.model, self.tokenizer, self.curve.output_dir(self.trainer) / "model")
+            out = self.curve.output_dir(self.trainer) / "model"
+            self.saved_to = save_hf_checkpoint(self, self.model, self.tokenizer, out)
