@@ -1,18 +1,21 @@
-"""Distributed correctness on CPU: 2 processes, gloo, Lightning's own strategies (DDP, FSDP2 via ModelParallelStrategy).
+"""Distributed correctness on CPU: 2 processes, gloo, Lightning's own strategies (DDP; FSDP2 = ModelParallelStrategy).
 
 One launch of 2 worker processes (this file run as a script, LOCAL_RANK in the environment, so Lightning treats them
 as externally launched ranks) runs, in order:
   1. per-rank data: a recorder module under DDP, 2 epochs, shuffled forget and retain loaders;
   2. PRISM (NPO + probe term + SAM + global decoupling, retain NLL) under DDP, 2 ranks x batch 2, 3 steps;
-  3. the same under FSDP2 (`--trainer.strategy=fsdp2`, parameters and gradients sharded as DTensors), global scope;
-  4. the same under FSDP2 with per-tensor decoupling.
-The pytest process runs the single-process references (1 process x batch 4) and compares.
+  3. the same under FSDP2 (`--trainer.strategy=fsdp2`: parameters and gradients sharded as DTensors), global scope;
+  4. the same under FSDP2 with per-tensor decoupling;
+  5. RMU under FSDP2 (a frozen copy of the model, sharded too; one trainable tensor).
+The pytest process runs the single-process references (1 process x batch 4) meanwhile and compares.
 
 Why the equality is exact up to float rounding: every loss is a mean over examples of equal weight. NPO and the probe
 CE are means over sequences; the retain NLL is a token mean, so every example is given the same number of labelled
-tokens (raw passages, all longer than max_length, truncated to it: no padding, no prompt). Then the DDP average of two
-rank gradients (batch 2 each) IS the gradient of the batch-4 loss, and Lightning's DistributedSampler with shuffle off
-gives rank r the examples r, r+2, ... so the two ranks' batches together are the single process's batch.
+tokens (raw passages, all longer than max_length, truncated to it: no padding, no prompt). Then the DDP/FSDP average
+of two rank gradients (batch 2 each) IS the gradient of the batch-4 loss, and Lightning's DistributedSampler with
+shuffle off gives rank r the examples r, r+2, ... so the two ranks' batches together are the single process's batch.
+The single-process tests at the end cover what the strategies change in the step itself (DeepSpeed's summed-loss
+step, activation checkpointing, the refusals).
 """
 
 import json
@@ -142,9 +145,12 @@ def _worker(root: Path) -> None:
         stats = _StepStats()
         module = _prism(paths, root / name, scope)
         trainer = _fit(module, _datamodule(paths, BATCH, shuffle=False), strategy, WORLD, [stats.callback])
-        grads = [p for p in module.model.parameters()]
+        params = list(module.model.parameters())
         out[name] = {"stats": stats.stats, "strategy": type(trainer.strategy).__name__,
-                     "dtensor": type(grads[0]).__name__}
+                     "dtensor": type(params[0]).__name__}
+    module = _rmu(paths, root / "fsdp2_rmu")
+    _fit(module, _datamodule(paths, BATCH, shuffle=False), FSDP2Strategy(), WORLD)
+    out["fsdp2_rmu"] = {"frozen_dtensor": type(next(module.frozen_model.parameters())).__name__}
     (root / f"rank{rank}.json").write_text(json.dumps(out))
     print(f"RANK {rank} OK", flush=True)
 
@@ -174,6 +180,7 @@ def runs(tmp_path_factory):
              [stats.callback])
         refs[name] = stats.stats
     _fit(_prism(paths, root / "ref_half"), _datamodule(paths, BATCH, shuffle=False), "auto", 1)
+    _fit(_rmu(paths, root / "ref_rmu"), _datamodule(paths, WORLD * BATCH, shuffle=False), "auto", 1)
     rec = _recorder()
     _fit(rec, _datamodule(paths, WORLD * BATCH, shuffle=True), "auto", 1, max_steps=-1, max_epochs=2)
     codes = []
@@ -276,11 +283,31 @@ def test_fsdp2_prism_step_equals_single_process(runs, name, ref):
     assert worst < WEIGHT_TOL, f"max |dw| {worst:.3g} vs single process"
 
 
+def test_fsdp2_rmu_with_sharded_frozen_copy_equals_single_process(runs):
+    """KL / RMU need a frozen copy of the model: under FSDP2 it is made before sharding and sharded the same way."""
+    root, init = runs["root"], _weights(Path(runs["paths"]["model"]))
+    assert runs["ranks"][0]["fsdp2_rmu"]["frozen_dtensor"] == "DTensor"
+    ref = _weights(root / "ref_rmu")
+    changed = {k for k in ref if not torch.equal(ref[k], init[k])}
+    assert changed == {"model.layers.0.mlp.down_proj.weight"}
+    assert _max_diff(_weights(root / "fsdp2_rmu"), ref) < WEIGHT_TOL < _max_diff(ref, init) / 100
+
+
 # --- single process: what the strategies change in the step ------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("single")
     return root, _prepare(root)
+
+
+def _rmu(paths: dict, out: Path):
+    """RMU: a frozen copy of the model (sharded too under FSDP2) and only one tensor trainable."""
+    from prism.objectives.terms import RMUForget, RMURetain
+    from prism.stages.unlearn import UnlearnModule
+
+    return UnlearnModule(path=paths["model"], forget_objective=RMUForget(layer=1, steering_coef=20.0),
+                         retain_objective=RMURetain(layer=1), retain_weight=100.0, trainable=[r"layers\.0\.mlp\.down_proj"],
+                         lr=1e-3, output_dir=str(out))
 
 
 def _gd(paths, out, cls=None):

@@ -125,7 +125,8 @@ def test_last_ignores_checkpoints_of_another_configuration(tiny, monkeypatch, ca
 # --- numerical guard ------------------------------------------------------------------------------------------------
 
 def _guard_args(root: Path, data: Path, model: Path, run: str, objective: dict) -> list[str]:
-    return ["unlearn", "fit", f"--model.path={model}", f"--data.path={data}", f"--model.output_dir={root / run / 'model'}",
+    return ["unlearn", "fit", f"--model.path={model}", f"--data.path={data}",
+            f"--model.output_dir={root / run / 'model'}",
             f"--model.forget_objective={json.dumps(objective)}", "--model.retain_objective=prism.objectives.terms.NLL",
             "--model.lr=1e-3", "--model.max_nonfinite_steps=3", "--data.forget_sources=[raw]",
             "--data.retain_sources=[raw]", "--data.batch_size=1", "--data.max_length=64", "--trainer.max_steps=4",
@@ -134,7 +135,8 @@ def _guard_args(root: Path, data: Path, model: Path, run: str, objective: dict) 
 
 
 def test_nonfinite_loss_aborts_after_max_steps_keeping_last_good_checkpoint(tiny, monkeypatch, capsys):
-    """NaN forget loss from step 2 on: three skipped updates, then exit 1 with a clear message; last.ckpt is step 2's."""
+    """NaN forget loss from step 2 on: three skipped updates, then exit 1 with a clear message; last.ckpt is the
+    one of step 2."""
     from runcli import run_cli
 
     root, data, model = tiny

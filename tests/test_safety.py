@@ -51,8 +51,8 @@ def _custom_code_dir(src: Path, dst: Path, marker: Path, where: str = "config.js
         "class CustomConfig(LlamaConfig):\n    pass\n"
         "class CustomModel(LlamaForCausalLM):\n    config_class = CustomConfig\n")
     config = json.loads((dst / where).read_text())
-    config["auto_map"] = ({"AutoConfig": "custom_llama.CustomConfig", "AutoModelForCausalLM": "custom_llama.CustomModel"}
-                          if where == "config.json" else {"AutoTokenizer": ["custom_llama.CustomTokenizer", None]})
+    models = {"AutoConfig": "custom_llama.CustomConfig", "AutoModelForCausalLM": "custom_llama.CustomModel"}
+    config["auto_map"] = models if where == "config.json" else {"AutoTokenizer": ["custom_llama.CustomTokenizer", None]}
     (dst / where).write_text(json.dumps(config))
     return dst
 

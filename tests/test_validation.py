@@ -161,7 +161,8 @@ CASES = [
          ["raw/forget.json", "the list is empty"]),
     Case("empty retain set", lambda t, a: _write(a["data"] / "raw" / "retain1.json", []) or [], 2,
          ["raw/retain1.json", "the list is empty"]),
-    Case("empty forget after limit", lambda t, a: ["--data.forget_limit=0"], 2, ["data.forget_limit must be at least 1"]),
+    Case("empty forget after limit", lambda t, a: ["--data.forget_limit=0"], 2,
+         ["data.forget_limit must be at least 1"]),
     Case("forget/retain overlap", _overlap, 0, ["2 examples are in both the forget and the retain set"],
          loads_model=True),
     Case("texts longer than max_length", lambda t, a: ["--data.max_length=24", "--data.forget_sources=[raw]",
@@ -219,9 +220,8 @@ def test_bad_input(case: Case, assets, tmp_path, monkeypatch, capsys):
         argv += ["--trainer.max_steps=1", "--data.batch_size=4", "--data.max_length=256",
                  f"--model.output_dir={tmp_path / 'out'}", "--trainer.enable_checkpointing=false"]
     code, err = run_cli(argv + extra, capsys)
-    with capsys.disabled():  # `pytest -s` shows how each case ends
-        key = [ln for ln in err.splitlines() if ln.startswith(("prism: error:", "error:")) or "WARNING" in ln]
-        print(f"\n[{case.name}] exit {code}: {' | '.join(key)[:400]}", end="")
+    key = [ln for ln in err.splitlines() if ln.startswith(("prism: error:", "error:")) or "WARNING" in ln]
+    print(f"[{case.name}] exit {code}: {' | '.join(key)[:400]}")  # `pytest -s` shows how each case ends
     assert code == case.code, err[-3000:]
     for words in case.words:
         assert words in err, f"{words!r} not in:\n{err[-3000:]}"

@@ -116,8 +116,8 @@ def custom_code_files(directory: Path) -> list[str]:
 def _refuse_custom_code(directory: Path, files: list[str]) -> None:
     if files:
         raise UserError(
-            f"model directory '{directory}' ships custom code ({', '.join(files)} declare auto_map): refusing to run it. "
-            "Set trust_remote_code: true in the config only for a model whose code you have read."
+            f"model directory '{directory}' ships custom code ({', '.join(files)} declare auto_map): refusing to run "
+            "it. Set trust_remote_code: true in the config only for a model whose code you have read."
         )
 
 
@@ -140,7 +140,8 @@ def check_model_dir(path: str | os.PathLike, trust_remote_code: bool = False) ->
         except Exception as e:  # noqa: BLE001 - any failure here means an unreadable file
             raise UserError(f"weights file '{f}' is unreadable or truncated ({e})") from None
     if not any((directory / t).exists() for t in TOKENIZER_FILES):
-        raise UserError(f"model directory '{directory}' has no tokenizer (expected one of: {', '.join(TOKENIZER_FILES)})")
+        raise UserError(f"model directory '{directory}' has no tokenizer "
+                        f"(expected one of: {', '.join(TOKENIZER_FILES)})")
     return directory
 
 

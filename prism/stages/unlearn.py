@@ -176,8 +176,9 @@ class UnlearnModule(LightningModule):
         if self._needs_frozen_model() and "_frozen" not in self.__dict__:
             # Kept out of the module tree: never trained, saved or sharded by Lightning.
             self.__dict__["_frozen"] = copy.deepcopy(self.model).eval().requires_grad_(False)
-        if "_frozen" in self.__dict__:
-            self.__dict__["_frozen"].to(self.device)  # made in configure_model under FSDP2, before the move to device
+        if "_frozen" in self.__dict__:  # made in configure_model under FSDP2: before the move to device / precision
+            dtype = next(self.model.parameters()).dtype
+            self.__dict__["_frozen"].to(device=self.device, dtype=dtype)
         if self.forget_objective.needs_reference_logprobs and self.ref_logprobs is None:
             data = self.trainer.datamodule
             self.ref_logprobs = self.compute_reference_logprobs(data.forget, data.tokenizer.pad_token_id,
