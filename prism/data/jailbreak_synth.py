@@ -10,12 +10,11 @@ For an unlearned model the "harmful" content is the forget set, so each attack a
 Entity names come from `entities.json` (written by prism.data.synth) when present; otherwise the prefill user
 turn is a generic request. Deterministic: same benchmark, same files.
 
-    python -m prism.data.jailbreak_synth --data logs/run-tiny/data --out logs/run-tiny/jailbreak
+    prism data jailbreak --data logs/run-tiny/data --out logs/run-tiny/jailbreak
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -79,18 +78,3 @@ def write_jailbreak_suite(data: str | Path, out: str | Path, limit: int | None =
         "overrefusal": atomic_write_text(out / "overrefusal.csv", buf.getvalue()),
     }
     return paths
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m prism.data.jailbreak_synth", description=__doc__.split("\n")[0])
-    parser.add_argument("--data", required=True, help="MUSE-layout benchmark directory")
-    parser.add_argument("--out", required=True, help="directory for the four jailbreak files")
-    parser.add_argument("--limit", type=int, default=None, help="at most this many records per file")
-    args = parser.parse_args(argv)
-    for kind, path in write_jailbreak_suite(args.data, args.out, args.limit).items():
-        print(f"{kind}: {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -15,7 +15,6 @@ attacker supplied reveals nothing.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Sequence

@@ -7,16 +7,13 @@ optional "name" used as the row label; the directory name otherwise).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 from prism.errors import DataFormatError, UserError
-from prism.io import atomic_write_text
+from prism.io import atomic_save_figure, atomic_write_text
 
 MAIN_COLUMNS: tuple[str, ...] = ("verbmem_f", "knowmem_f", "knowmem_r", "privleak", "unlearn_score")
 NON_METRIC_KEYS = {"name", "model", "data"}
@@ -113,24 +110,6 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_savefig(fig, path: Path) -> None:
-    """Render to memory, then temp file + rename in the same directory (the prism.io recipe, for bytes)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def plot_knowmem(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -148,7 +127,7 @@ def plot_knowmem(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("KnowMem retain (ROUGE-L ×100, higher is better)")
     ax.set_title("Forgetting vs utility")
     ax.grid(alpha=0.3)
-    _atomic_savefig(fig, path)
+    atomic_save_figure(fig, path)
     plt.close(fig)
 
 
@@ -167,7 +146,7 @@ def plot_unlearn_score(rows: list[dict], path: Path) -> None:
     ax.set_ylim(0, 1)
     ax.tick_params(axis="x", rotation=30)
     ax.set_title("Unlearn Score")
-    _atomic_savefig(fig, path)
+    atomic_save_figure(fig, path)
     plt.close(fig)
 
 

@@ -13,7 +13,6 @@ import math
 from pathlib import Path
 from typing import Literal
 
-import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningDataModule, LightningModule
 from torch.utils.data import DataLoader

@@ -18,17 +18,14 @@ In-loop evaluation works single-process and under DDP (the evaluator shards and 
 
 from __future__ import annotations
 
-import io
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 
 from lightning.pytorch import Callback
 
 from prism.errors import UserError
-from prism.io import atomic_write_json
+from prism.io import atomic_save_figure, atomic_write_json
 from prism.stages.common import save_hf_checkpoint
 from prism.stages.finetune import FinetuneModule
 
@@ -46,24 +43,7 @@ def curve_keys(points: list[dict]) -> list[str]:
     return keys or sorted(k for k in present if k != "step")
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Binary sibling of prism.io.atomic_write_text (temporary file in the same directory, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def curve_png(points: list[dict], title: str) -> bytes:
+def curve_figure(points: list[dict], title: str):
     """PNG of VerbMem and KnowMem forget/retain against relearning steps."""
     import matplotlib
 
@@ -83,9 +63,7 @@ def curve_png(points: list[dict], title: str) -> bytes:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return fig
 
 
 class RelearnCurve(Callback):
@@ -171,7 +149,7 @@ class RelearnCurve(Callback):
         out = self.output_dir(trainer)
         atomic_write_json(out / "relearn.json", self.result())
         title = f"relearning {self.meta.get('name', '')}".strip()
-        atomic_write_bytes(out / "relearn.png", curve_png(self.points, title))
+        atomic_save_figure(curve_figure(self.points, title), out / "relearn.png")
 
 
 class RelearnModule(FinetuneModule):
