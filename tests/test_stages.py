@@ -63,3 +63,22 @@ def test_cached_reference_logprobs_equal_live_reference_forward(bench):
                                 batch["labels"])
     torch.testing.assert_close(cached, live, rtol=1e-5, atol=1e-4)
     assert cached.std() > 0  # different examples, different log-probs: the index lookup matters
+
+
+def test_validation_during_unlearning_logs_benchmark_metrics(bench, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from prism.cli import main
+
+    data, model = bench
+    args = ["unlearn", "fit", "--config", "configs/tiny/unlearn/npo_gd.yaml", f"--model.path={model}",
+            f"--data.path={data}", f"--model.output_dir={tmp_path / 'out'}", "--trainer.max_steps=4",
+            "--trainer.val_check_interval=2", "--trainer.check_val_every_n_epoch=null", "--data.batch_size=2",
+            "--model.validation={limit: 2, max_new_tokens_verbmem: 4, max_new_tokens_knowmem: 4}",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'tb'}"]
+    assert main(args) == 0
+    events = EventAccumulator(str(next((tmp_path / "tb").rglob("events.out.tfevents*")).parent))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("val/knowmem_f")]
+    assert len(steps) >= 2 and steps == sorted(steps)  # a curve over training, not one point
+    assert "val/privleak" in events.Tags()["scalars"]

@@ -272,6 +272,11 @@ class BenchmarkData(LightningDataModule):
         return resumable_loader(self, dataset, batch_size, shuffle, seed, lambda items: collate(items, pad),
                                 self.hparams.num_workers)
 
+    def val_dataloader(self):
+        """One item per rank: stages that validate (unlearn with `validation`) run the benchmark evaluator, which
+        shards the benchmark over ranks itself and gathers the records."""
+        return DataLoader([0], batch_size=1)
+
     def train_dataloader(self):
         h = self.hparams
         if h.pairing == "joint":

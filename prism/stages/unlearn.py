@@ -63,6 +63,7 @@ class UnlearnModule(LightningModule):
         trainable: list[str] | None = None,
         task_vector_alpha: float | None = None,
         max_nonfinite_steps: int = 5,
+        validation: dict | None = None,
         output_dir: str | None = None,
         dtype: str = "float32",
         gradient_checkpointing: bool = False,
@@ -83,6 +84,9 @@ class UnlearnModule(LightningModule):
             trainable: regexes of parameter names to update (default all), e.g. RMU's MLP down-projections.
             task_vector_alpha: after training, θ ← θ₀ − α(θ − θ₀) (task-vector negation).
             max_nonfinite_steps: abort after this many consecutive steps with a non-finite loss or gradient.
+            validation: run the benchmark's metrics as Lightning validation (every `trainer.val_check_interval`
+                steps), with these BenchmarkEvaluator arguments, e.g. {limit: 16, target_metrics: .../metrics.json};
+                logged as val/<metric> (keep the best with --checkpoint.monitor=val/unlearn_score --checkpoint.mode=max).
             output_dir: where the unlearned HF checkpoint goes (default: <log dir>/model).
         """
         super().__init__()
@@ -204,6 +208,19 @@ class UnlearnModule(LightningModule):
 
     def reference_logprobs(self, index: torch.Tensor) -> torch.Tensor:
         return self.ref_logprobs.to(self.device)[index]
+
+    # --- validation: the unlearning dynamics curve -------------------------------------------------------------
+    def validation_step(self, batch, batch_idx):
+        from prism.stages.evaluate import BenchmarkEvaluator
+
+        if self.hparams.validation is None:
+            return
+
+        if not hasattr(self, "evaluator"):
+            data = self.trainer.datamodule.hparams
+            self.evaluator = BenchmarkEvaluator(data.path, data.format, **self.hparams.validation)
+        metrics, _ = self.evaluator(self.model, self.tokenizer)
+        self.log_dict({f"val/{k}": float(v) for k, v in metrics.items()}, batch_size=1)
 
     # --- the step ----------------------------------------------------------------------------------------------
     def progress(self) -> float:
