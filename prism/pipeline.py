@@ -30,7 +30,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 class Preset:
     methods: tuple[str, ...]
     synth: dict | None = None  # None: a real benchmark and target model given by --data and --target
-    model: str | None = None  # "tiny" (random init with a local tokenizer) or a model path ('smollm2' = embedded default)
+    model: str | None = None  # "tiny" (random init with a local tokenizer) or "smollm2" (the embedded default)
     tiny_arch: dict = field(default_factory=dict)
 
 
@@ -42,7 +42,7 @@ PRESETS = {
         tiny_arch=dict(layers=2, hidden=64, heads=4, vocab_size=512),
     ),
     "smollm2": Preset(
-        synth=dict(seed=0, n_forget=12, n_retain=12, n_holdout=12),
+        synth=dict(seed=0, n_forget=10, n_retain=10, n_holdout=10),
         methods=("prism", "npo_gd", "ga", "sam_npo"),
         model="smollm2",
     ),
@@ -167,11 +167,11 @@ class Pipeline:
             self.step("model", out / "config.json", [self.p.tiny_arch],
                       lambda: tiny_from_benchmark(self.data, out, **self.p.tiny_arch), upstream=("synth",))
             return out
-        from prism.models.loading import resolve_model_dir
+        from prism.models.loading import embedded_default_dir, prepare_embedded_default
 
-        path = resolve_model_dir(self.p.model)
-        self.step("model", path / "config.json", [str(path)], lambda: None)
-        return path
+        self.step("model", embedded_default_dir() / "model.safetensors", [str(embedded_default_dir())],
+                  prepare_embedded_default)
+        return embedded_default_dir()
 
     def evaluate(self, name: str, model: Path, upstream: str, target_metrics: Path | None):
         out = self.out / "eval" / name

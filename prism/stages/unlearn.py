@@ -29,7 +29,7 @@ from jsonargparse import lazy_instance
 from lightning.pytorch import LightningModule
 
 from prism.errors import TrainingAborted, UserError
-from prism.models.loading import load_model, load_tokenizer
+from prism.models.loading import check_probe_dir, load_model, load_tokenizer
 from prism.models.probe import load_probe, pool
 from prism.objectives.losses import lambda_schedule, sequence_logprob
 from prism.objectives.probe import probe_term
@@ -100,8 +100,8 @@ class UnlearnModule(LightningModule):
             enable_activation_checkpointing(self.model)
         self.probe, self.probe_meta = None, None
         if probe is not None:
+            check_probe_dir(probe, path)
             self.probe, self.probe_meta = load_probe(probe)
-            self._check_probe(probe)
             self.probe.requires_grad_(False).eval()
         self._select_trainable(trainable)
         self.ref_logprobs: torch.Tensor | None = None
@@ -110,13 +110,6 @@ class UnlearnModule(LightningModule):
         self.saved_to = None
 
     # --- set-up ------------------------------------------------------------------------------------------------
-    def _check_probe(self, path):
-        hidden, layers = self.model.config.hidden_size, self.model.config.num_hidden_layers
-        if self.probe_meta["in_dim"] != hidden:
-            raise UserError(f"probe {path}: input_dim {self.probe_meta['in_dim']} != model hidden size {hidden}")
-        if not 0 <= self.probe_meta["layer"] <= layers:
-            raise UserError(f"probe {path}: layer {self.probe_meta['layer']} not in 0..{layers} of the model")
-
     def _select_trainable(self, patterns):
         names = [n for n, _ in self.model.named_parameters()]
         keep = set(names) if not patterns else {n for n in names if any(re.search(p, n) for p in patterns)}
