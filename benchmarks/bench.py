@@ -47,9 +47,13 @@ def bench_step(args, data: Path) -> dict:
     for method in args.methods:
         kwargs = benchlib.method_kwargs(method, benchlib.WORK / "unused")
         _log(f"step time: {method} ({args.warmup} warm-up + {args.steps} timed steps, batch {args.batch} x {args.seq})")
+        t0 = time.perf_counter()
         run = benchlib.run_method(kwargs, data, args.batch, args.seq, args.warmup, args.steps)
         rows[method] = {"passes": _passes(kwargs), "step_seconds": run["step_seconds"],
+                        "warmup_seconds": run["warmup_seconds"],
                         "median_step_seconds": statistics.median(run["step_seconds"])}
+        _log(f"  {method}: steps {['%.2f' % t for t in run['step_seconds']]} s, warm-up "
+             f"{['%.2f' % t for t in run['warmup_seconds']]} s, {time.perf_counter() - t0:.0f} s in all")
     if "gd" in rows:
         gd = rows["gd"]
         for row in rows.values():
@@ -73,9 +77,9 @@ def bench_memory(args) -> dict:
     key = "cuda_peak_mb" if "cuda_peak_mb" in c else "peak_rss_mb"
     out["measure"] = key
     out["ratio_cached_to_resident"] = c[key] / r[key]
-    if key == "peak_rss_mb":  # above the imports' baseline: what training itself added
-        out["ratio_cached_to_resident_above_baseline"] = (
-            (c["peak_rss_mb"] - c["baseline_rss_mb"]) / (r["peak_rss_mb"] - r["baseline_rss_mb"]))
+    added = (c["peak_rss_mb"] - c["baseline_rss_mb"], r["peak_rss_mb"] - r["baseline_rss_mb"])
+    if key == "peak_rss_mb" and min(added) > 0:  # above the imports' baseline: what training itself added
+        out["ratio_cached_to_resident_above_baseline"] = added[0] / added[1]
     return out
 
 
@@ -205,17 +209,17 @@ def main(argv=None) -> int:
                 "load_average_at_start": list(os.getloadavg())},
     }
     started = time.perf_counter()
-    if "step" in sections:
-        result["step"] = bench_step(args, data)
-    if "memory" in sections:
-        result["memory"] = bench_memory(args)
-    if "generate" in sections:
-        result["generate"] = bench_generate(args, data)
-    if "precision" in sections:
-        result["precision"] = bench_precision(args, data, result.get("step"))
-    result["env"]["seconds"] = time.perf_counter() - started
-    result["env"]["load_average_at_end"] = list(os.getloadavg())
-    atomic_write_json(args.out, result)
+    runs = {"step": lambda: bench_step(args, data), "memory": lambda: bench_memory(args),
+            "generate": lambda: bench_generate(args, data),
+            "precision": lambda: bench_precision(args, data, result.get("step"))}
+    for name in SECTIONS:
+        if name in sections:
+            t0 = time.perf_counter()
+            result[name] = runs[name]()
+            result[name]["section_seconds"] = time.perf_counter() - t0
+            result["env"]["seconds"] = time.perf_counter() - started
+            result["env"]["load_average_at_end"] = list(os.getloadavg())
+            atomic_write_json(args.out, result)  # after every section: a later failure keeps what was measured
     print(table(result))
     print(f"written {args.out} ({result['env']['seconds']:.0f} s)")
     return 0

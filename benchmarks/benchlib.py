@@ -113,7 +113,8 @@ def run_method(kwargs: dict, data: Path, batch: int, seq: int, warmup: int, step
     dm = datamodule(data, batch, seq)
     trainer(warmup + steps, precision, [timer.callback]).fit(module, datamodule=dm)
     timed = timer.times[warmup:]
-    return {"step_seconds": timed, "mean_step_seconds": sum(timed) / len(timed), "tokens_per_step": 2 * batch * seq}
+    return {"step_seconds": timed, "warmup_seconds": timer.times[:warmup], "mean_step_seconds": sum(timed) / len(timed),
+            "tokens_per_step": 2 * batch * seq}
 
 
 class NPOResidentReference:
