@@ -42,24 +42,33 @@ def _passes(kwargs: dict) -> int:
     return 1 + bool(kwargs.get("sam_rho")) + (kwargs.get("retain_objective") is not None)
 
 
-def bench_step(args, data: Path) -> dict:
-    rows = {}
+def bench_step(args, data: Path, checkpoint) -> dict:
+    out = {"batch": args.batch, "seq": args.seq, "warmup": args.warmup, "steps": args.steps, "clock": benchlib.CLOCK,
+           "methods": {}}
+    rows = out["methods"]
     for method in args.methods:
         kwargs = benchlib.method_kwargs(method, benchlib.WORK / "unused")
         _log(f"step time: {method} ({args.warmup} warm-up + {args.steps} timed steps, batch {args.batch} x {args.seq})")
         t0 = time.perf_counter()
         run = benchlib.run_method(kwargs, data, args.batch, args.seq, args.warmup, args.steps)
+        passes_only = [t - o for t, o in zip(run["step_seconds"], run["optimizer_seconds"])]
         rows[method] = {"passes": _passes(kwargs), "step_seconds": run["step_seconds"],
-                        "warmup_seconds": run["warmup_seconds"],
-                        "median_step_seconds": statistics.median(run["step_seconds"])}
-        _log(f"  {method}: steps {['%.2f' % t for t in run['step_seconds']]} s, warm-up "
-             f"{['%.2f' % t for t in run['warmup_seconds']]} s, {time.perf_counter() - t0:.0f} s in all")
-    if "gd" in rows:
-        gd = rows["gd"]
-        for row in rows.values():
-            row["ratio_to_gd"] = row["median_step_seconds"] / gd["median_step_seconds"]
-            row["floor_ratio_to_gd"] = row["passes"] / gd["passes"]
-    return {"batch": args.batch, "seq": args.seq, "warmup": args.warmup, "steps": args.steps, "methods": rows}
+                        "optimizer_seconds": run["optimizer_seconds"], "warmup_seconds": run["warmup_seconds"],
+                        "wall_seconds": run["wall_seconds"],
+                        "median_step_seconds": statistics.median(run["step_seconds"]),
+                        "median_step_seconds_without_optimizer": statistics.median(passes_only)}
+        _log(f"  {method}: steps {['%.2f' % t for t in run['step_seconds']]} s (optimizer.step "
+             f"{['%.2f' % t for t in run['optimizer_seconds']]}; wall {['%.2f' % t for t in run['wall_seconds']]}), "
+             f"{time.perf_counter() - t0:.0f} s in all")
+        if "gd" in rows:
+            gd = rows["gd"]
+            for row in rows.values():
+                row["ratio_to_gd"] = row["median_step_seconds"] / gd["median_step_seconds"]
+                row["ratio_to_gd_without_optimizer"] = (row["median_step_seconds_without_optimizer"]
+                                                        / gd["median_step_seconds_without_optimizer"])
+                row["floor_ratio_to_gd"] = row["passes"] / gd["passes"]
+        checkpoint(out)
+    return out
 
 
 def bench_memory(args) -> dict:
@@ -144,12 +153,16 @@ def table(result: dict) -> str:
     step = result.get("step")
     if step:
         lines.append(f"seconds per optimiser step / gd  (SmolLM2-135M, batch {step['batch']} x {step['seq']} tokens, "
-                     f"median of {step['steps']} steps after {step['warmup']} warm-up)")
-        lines.append(f"  {'method':<10} {'passes':>6} {'s/step':>8} {'ratio':>7} {'floor':>7}")
+                     f"median of {step['steps']} steps after {step['warmup']} warm-up; {step['clock']})")
+        lines.append(f"  {'method':<14} {'passes':>6} {'s/step':>8} {'ratio':>7} {'w/o opt':>8} {'floor':>7}")
         for name, row in step["methods"].items():
             ratio = f"{row['ratio_to_gd']:.2f}" if "ratio_to_gd" in row else "-"
+            no_opt = f"{row['ratio_to_gd_without_optimizer']:.2f}" if "ratio_to_gd" in row else "-"
             floor = f"{row['floor_ratio_to_gd']:.2f}" if "floor_ratio_to_gd" in row else "-"
-            lines.append(f"  {name:<10} {row['passes']:>6} {row['median_step_seconds']:>8.2f} {ratio:>7} {floor:>7}")
+            lines.append(f"  {name:<14} {row['passes']:>6} {row['median_step_seconds']:>8.2f} {ratio:>7} {no_opt:>8} "
+                         f"{floor:>7}")
+        lines.append("  (ratio: whole step incl. AdamW; w/o opt: without optimizer.step, the passes alone; "
+                     "floor: passes / gd's 2)")
     mem = result.get("memory")
     if mem:
         c, r = mem["npo_cached"], mem["npo_resident"]
@@ -186,13 +199,13 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--memory-steps", type=int, default=1, help="the peak is reached in the first step")
     parser.add_argument("--methods", default=",".join(benchlib.MAIN_METHODS),
-                        help="comma-separated configs/smollm2/unlearn/<method>.yaml names (gd is the reference)")
+                        help="comma-separated configs/smollm2/unlearn/<method>.yaml names, or 'all' (gd is the reference)")
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--sections", default=",".join(SECTIONS))
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args(argv)
-    args.methods = [m for m in args.methods.split(",") if m]
+    args.methods = benchlib.all_methods() if args.methods == "all" else [m for m in args.methods.split(",") if m]
     sections = [s for s in args.sections.split(",") if s]
     unknown = set(sections) - set(SECTIONS)
     if unknown:
@@ -209,7 +222,10 @@ def main(argv=None) -> int:
                 "load_average_at_start": list(os.getloadavg())},
     }
     started = time.perf_counter()
-    runs = {"step": lambda: bench_step(args, data), "memory": lambda: bench_memory(args),
+    def checkpoint(partial: dict) -> None:
+        atomic_write_json(args.out, {**result, "step": partial})
+
+    runs = {"step": lambda: bench_step(args, data, checkpoint), "memory": lambda: bench_memory(args),
             "generate": lambda: bench_generate(args, data),
             "precision": lambda: bench_precision(args, data, result.get("step"))}
     for name in SECTIONS:
