@@ -46,11 +46,21 @@ def bench_step(args, data: Path, checkpoint) -> dict:
     out = {"batch": args.batch, "seq": args.seq, "warmup": args.warmup, "steps": args.steps, "clock": benchlib.CLOCK,
            "methods": {}}
     rows = out["methods"]
-    for method in args.methods:
+    # gd (the reference) is timed first and again last: a machine whose load changes during the run shows as drift
+    order = ["gd"] + [m for m in args.methods if m != "gd"] + ["gd"] if "gd" in args.methods else list(args.methods)
+    gd_runs = []
+    for method in order:
         kwargs = benchlib.method_kwargs(method, benchlib.WORK / "unused")
         _log(f"step time: {method} ({args.warmup} warm-up + {args.steps} timed steps, batch {args.batch} x {args.seq})")
         t0 = time.perf_counter()
         run = benchlib.run_method(kwargs, data, args.batch, args.seq, args.warmup, args.steps)
+        if method == "gd":
+            gd_runs.append(run)
+            if len(gd_runs) == 2:  # the reference is both gd runs together
+                run = {k: gd_runs[0][k] + gd_runs[1][k] for k in ("step_seconds", "optimizer_seconds", "wall_seconds",
+                                                                   "warmup_seconds")}
+                out["gd_drift"] = statistics.median(gd_runs[1]["step_seconds"]) / statistics.median(
+                    gd_runs[0]["step_seconds"])
         passes_only = [t - o for t, o in zip(run["step_seconds"], run["optimizer_seconds"])]
         rows[method] = {"passes": _passes(kwargs), "step_seconds": run["step_seconds"],
                         "optimizer_seconds": run["optimizer_seconds"], "warmup_seconds": run["warmup_seconds"],
@@ -113,37 +123,41 @@ def bench_generate(args, data: Path) -> dict:
         model = model.cuda()
     tokenizer = load_tokenizer("smollm2")
     generate(model, tokenizer, prompts[:2], 4, batch_size=2, stop=KNOWMEM_STOP)  # warm-up
-    _log(f"generate: {len(prompts)} KnowMem prompts, batched (batch {batch_size})")
-    t0 = time.perf_counter()
-    batched = generate(model, tokenizer, prompts, args.max_new_tokens, batch_size=batch_size, stop=KNOWMEM_STOP)
-    t_batched = time.perf_counter() - t0
-    _log(f"generate: {len(prompts)} KnowMem prompts, one at a time")
-    t0 = time.perf_counter()
-    single = generate(model, tokenizer, prompts, args.max_new_tokens, batch_size=1, stop=KNOWMEM_STOP)
-    t_single = time.perf_counter() - t0
+
+    def timed(bs: int) -> tuple[float, list[str]]:
+        _log(f"generate: {len(prompts)} KnowMem prompts, batch size {bs}")
+        t0 = benchlib.clock()
+        outputs = generate(model, tokenizer, prompts, args.max_new_tokens, batch_size=bs, stop=KNOWMEM_STOP)
+        return benchlib.clock() - t0, outputs
+
+    # batched before and after the one-by-one loop: a drift of the machine's speed shows, and is averaged out
+    t_batched_1, batched = timed(batch_size)
+    t_single, single = timed(1)
+    t_batched_2, _ = timed(batch_size)
+    t_batched = (t_batched_1 + t_batched_2) / 2
     same = sum(a.strip() == b.strip() for a, b in zip(batched, single))
     return {"prompts": len(prompts), "batch_size": batch_size, "max_new_tokens": args.max_new_tokens,
-            "batched_seconds": t_batched, "one_by_one_seconds": t_single, "speedup": t_single / t_batched,
-            "identical_outputs": same, "target_speedup": 5.0}
+            "clock": benchlib.CLOCK, "batched_seconds": [t_batched_1, t_batched_2], "one_by_one_seconds": t_single,
+            "speedup": t_single / t_batched, "identical_outputs": same, "target_speedup": 5.0}
 
 
-def bench_precision(args, data: Path, step: dict | None) -> dict:
-    """The 32-true figure is the step section's prism run when there is one (same run, same settings)."""
+def bench_precision(args, data: Path) -> dict:
+    """The two precisions back to back (not the step section's run: a shared machine's speed drifts)."""
     support = benchlib.bf16_support()
-    out = {"support": support, "method": "prism"}
+    out = {"support": support, "method": "prism", "clock": benchlib.CLOCK}
     if not support.get("autocast", support.get("native", False)):
         out["skipped"] = "bf16 autocast does not run on this device"
         return out
     kwargs = benchlib.method_kwargs("prism", benchlib.WORK / "unused")
     tokens_per_step = 2 * args.batch * args.seq  # forget + retain batch
-    for precision in ("32-true", "bf16-mixed"):
-        if precision == "32-true" and step and "prism" in step["methods"]:
-            times = step["methods"]["prism"]["step_seconds"]
-        else:
-            _log(f"precision: prism step in {precision}")
-            times = benchlib.run_method(kwargs, data, args.batch, args.seq, args.warmup, args.steps,
-                                        precision=precision)["step_seconds"]
-        out[precision] = {"step_seconds": times, "tokens_per_second": tokens_per_step / statistics.median(times)}
+    times = {"32-true": [], "bf16-mixed": []}
+    for round_ in range(args.precision_rounds):  # alternated, so a drift of the machine's speed hits both alike
+        for precision in times:
+            _log(f"precision: prism step in {precision} (round {round_ + 1} of {args.precision_rounds})")
+            times[precision] += benchlib.run_method(kwargs, data, args.batch, args.seq, args.warmup, args.steps,
+                                                    precision=precision)["step_seconds"]
+    for precision, t in times.items():
+        out[precision] = {"step_seconds": t, "tokens_per_second": tokens_per_step / statistics.median(t)}
     out["ratio_bf16_to_fp32"] = out["bf16-mixed"]["tokens_per_second"] / out["32-true"]["tokens_per_second"]
     return out
 
@@ -163,6 +177,9 @@ def table(result: dict) -> str:
                          f"{floor:>7}")
         lines.append("  (ratio: whole step incl. AdamW; w/o opt: without optimizer.step, the passes alone; "
                      "floor: passes / gd's 2)")
+        if "gd_drift" in step:
+            lines.append(f"  gd timed first and last: last/first = {step['gd_drift']:.2f} (1.00 = the machine's speed "
+                         "did not change during the run)")
     mem = result.get("memory")
     if mem:
         c, r = mem["npo_cached"], mem["npo_resident"]
@@ -174,8 +191,8 @@ def table(result: dict) -> str:
                          f"{r[k] - r['baseline_rss_mb']:.0f} MB: ratio {mem['ratio_cached_to_resident_above_baseline']:.2f}")
     gen = result.get("generate")
     if gen:
-        lines.append(f"generation, {gen['prompts']} KnowMem prompts, <= {gen['max_new_tokens']} new tokens")
-        lines.append(f"  batched (batch {gen['batch_size']}) {gen['batched_seconds']:.1f} s, one by one "
+        lines.append(f"generation, {gen['prompts']} KnowMem prompts, <= {gen['max_new_tokens']} new tokens ({gen['clock']})")
+        lines.append(f"  batched (batch {gen['batch_size']}) {sum(gen['batched_seconds']) / 2:.1f} s, one by one "
                      f"{gen['one_by_one_seconds']:.1f} s: speedup {gen['speedup']:.1f}x (target >= {gen['target_speedup']:.0f}x); "
                      f"identical outputs {gen['identical_outputs']}/{gen['prompts']}")
     prec = result.get("precision")
@@ -185,7 +202,7 @@ def table(result: dict) -> str:
         if "skipped" in prec:
             lines.append(f"bf16-mixed vs 32-true: skipped ({prec['skipped']}; {where})")
         else:
-            lines.append(f"tokens/s of the prism step, bf16-mixed / 32-true ({where})")
+            lines.append(f"tokens/s of the prism step, bf16-mixed / 32-true ({where}; s = {prec['clock']})")
             lines.append(f"  32-true {prec['32-true']['tokens_per_second']:.1f}, bf16-mixed "
                          f"{prec['bf16-mixed']['tokens_per_second']:.1f}: ratio {prec['ratio_bf16_to_fp32']:.2f}")
     return "\n".join(lines)
@@ -200,6 +217,7 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-steps", type=int, default=1, help="the peak is reached in the first step")
     parser.add_argument("--methods", default=",".join(benchlib.MAIN_METHODS),
                         help="comma-separated configs/smollm2/unlearn/<method>.yaml names, or 'all' (gd is the reference)")
+    parser.add_argument("--precision-rounds", type=int, default=2)
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--sections", default=",".join(SECTIONS))
@@ -227,7 +245,7 @@ def main(argv=None) -> int:
 
     runs = {"step": lambda: bench_step(args, data, checkpoint), "memory": lambda: bench_memory(args),
             "generate": lambda: bench_generate(args, data),
-            "precision": lambda: bench_precision(args, data, result.get("step"))}
+            "precision": lambda: bench_precision(args, data)}
     for name in SECTIONS:
         if name in sections:
             t0 = time.perf_counter()

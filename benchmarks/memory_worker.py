@@ -2,7 +2,7 @@
 
     python benchmarks/memory_worker.py npo_cached|npo_resident --batch 4 --seq 32 --steps 2
 
-Prints one JSON line: peak resident set size (ru_maxrss) after the imports (baseline) and after training, and on a
+Prints one JSON line: peak resident set size (VmHWM) after the imports (baseline) and after training, and on a
 GPU the peak of torch.cuda.max_memory_allocated. torch's CPU allocations are invisible to tracemalloc, hence RSS.
 """
 
@@ -20,7 +20,15 @@ VARIANTS = ("npo_cached", "npo_resident")
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
+    """Peak RSS of this process's address space: VmHWM. Not ru_maxrss: after fork+exec Linux carries the PARENT's
+    peak into the child's ru_maxrss, so a worker started by a big bench process would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux; bytes on macOS
 
 
 def main(argv=None) -> int:
