@@ -8,7 +8,7 @@ Strategies, as `--trainer.strategy=...` (or the overlays in configs/strategy/):
   views would make the second backward overwrite g_f.
 - `fsdp2` (FSDP2Strategy below = Lightning's ModelParallelStrategy as pure FSDP2): `configure_model` applies
   `fully_shard` to each decoder layer and to the whole LM; parameters and gradients are DTensors, so
-  prism.smoothing reduces the per-shard partial sums over the mesh. Runs on CPU (gloo) and GPU (nccl).
+  prism.smoothing reduces the per-shard partial sums over the mesh. Tested on 2 CPU ranks (gloo).
 - `fsdp` (Lightning's FSDPStrategy, FSDP1, GPU only): fine for the finetune/relearn stages (automatic
   optimisation). The unlearn stage refuses it: with `use_orig_params=True` (Lightning's default) FSDP1 zeroes a
   parameter's segment of the flat gradient IN PLACE when its .grad is reset, so g_f cannot be held while g_r is
