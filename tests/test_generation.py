@@ -1,9 +1,14 @@
-"""Batched greedy generation: batch = one prompt at a time, order restored, stop strings, tokenizer state kept."""
+"""Batched greedy generation = one prompt at a time (shared-prefix cache too), order restored, stop strings."""
 
 import pytest
 import torch
 
-from prism.evaluation.generation import StopOnStrings, cut_at_stop, generate, generate_ids
+from prism.evaluation.generation import (
+    StopOnStrings,
+    cut_at_stop,
+    generate,
+    generate_ids,
+)
 
 PROMPTS = [
     "Question: Where",
@@ -85,3 +90,64 @@ def test_cut_at_stop_and_criteria(tiny_tokenizer):
     assert crit(batch, None).tolist() == [True, False]
     eos_batch = torch.cat([batch, torch.tensor([[pad], [tiny_tokenizer.eos_token_id]])], dim=1)
     assert crit(eos_batch, None).tolist() == [True, True]
+
+
+SHOTS = [
+    "Question: Where was Alva Quint born?\nAnswer: Morrowick\n\n",
+    "Question: What did Bero Tansk do?\nAnswer: glassblower\n\n",
+]
+SUFFIXES = ["Question: Where?\nAnswer: ", "Question: What did Alva Quint do in 1822?\nAnswer: ",
+            "Question: Bero\nAnswer: ", "Question: Where was Bero Tansk born in Hessel Fold?\nAnswer: "]
+
+
+def _spy_forwards(model, monkeypatch):
+    """Record the input_ids shape of every model forward and the prefix length of every cached-prefix call."""
+    import prism.evaluation.generation as g
+
+    shapes, prefixes = [], []
+    model.register_forward_pre_hook(lambda m, args, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    real = g._prefix_cache
+
+    def spy(model, prefix_ids, batch):
+        prefixes.append((prefix_ids.shape[1], batch))
+        return real(model, prefix_ids, batch)
+
+    monkeypatch.setattr(g, "_prefix_cache", spy)
+    return shapes, prefixes
+
+
+def test_shared_prefix_is_cached_and_equals_one_at_a_time(varied_model, tiny_tokenizer, monkeypatch):
+    prompts = ["".join(SHOTS) + s for s in SUFFIXES]
+    single = [generate_ids(varied_model, tiny_tokenizer, [p], 12, batch_size=1, stop=None)[0] for p in prompts]
+    shapes, prefixes = _spy_forwards(varied_model, monkeypatch)
+    batched = generate_ids(varied_model, tiny_tokenizer, prompts, 12, batch_size=4, stop=None)
+    assert batched == single
+    assert len({tuple(x) for x in single}) > 1  # outputs depend on the suffix, so a wrong cache or position shows
+    ids = [tiny_tokenizer(p)["input_ids"] for p in prompts]
+    shots_len = len(tiny_tokenizer("".join(SHOTS))["input_ids"])
+    assert len(prefixes) == 1
+    prefix_len, batch = prefixes[0]
+    assert batch == 4 and prefix_len >= shots_len
+    assert all(x[:prefix_len] == ids[0][:prefix_len] for x in ids)
+    # The prefix runs once at batch 1; generate's prefill then covers only [padding][suffix], then one token a step.
+    width = max(len(x) for x in ids)
+    assert shapes[0] == (1, prefix_len)
+    assert shapes[1] == (4, width - prefix_len)
+    assert shapes[2:] == [(4, 1)] * 11
+    # The same batch without the cache gives the same tokens.
+    monkeypatch.setattr("prism.evaluation.generation.PREFIX_CACHE_MIN_TOKENS", 10**6)
+    assert generate_ids(varied_model, tiny_tokenizer, prompts, 12, batch_size=4, stop=None) == single
+    assert len(prefixes) == 1
+
+
+def test_two_prefix_groups_batched_apart_in_input_order(varied_model, tiny_tokenizer, monkeypatch):
+    # Interleaved so that input order differs from run order: each few-shot group must get its own batch.
+    prompts = [SHOTS[i % 2] * 2 + SUFFIXES[i % 4] + "x" * (i // 4) for i in range(6)]
+    single = [generate_ids(varied_model, tiny_tokenizer, [p], 8, batch_size=1, stop=None)[0] for p in prompts]
+    _, prefixes = _spy_forwards(varied_model, monkeypatch)
+    batched = generate(varied_model, tiny_tokenizer, prompts, 8, batch_size=3, stop=("\n\n",))
+    assert [b for _, b in prefixes] == [3, 3]
+    blocks = sorted(len(tiny_tokenizer(shot * 2)["input_ids"]) for shot in SHOTS)
+    assert all(n >= block for (n, _), block in zip(sorted(prefixes), blocks))  # each batch caches its own block
+    assert batched == [cut_at_stop(tiny_tokenizer.decode(x, skip_special_tokens=True), ("\n\n",)) for x in single]
+    assert generate_ids(varied_model, tiny_tokenizer, prompts, 8, batch_size=3, stop=None) == single

@@ -49,6 +49,21 @@ def test_nll_equals_hf_loss_and_ga_is_its_negative(tiny_model, tiny_tokenizer):
     torch.testing.assert_close(ga(out.logits, labels), -out.loss)
 
 
+def test_sequence_averaged_nll_weighs_every_example_alike():
+    logits, labels = _hand_example()
+    labels_one_token = labels.clone()
+    labels_one_token[1, 2] = -100  # row 1 keeps one labelled token, row 0 two
+    logp, mask = token_logprobs(logits, labels_one_token)
+    row0, row1 = -(logp[0, 0] + logp[0, 1]) / 2, -logp[1, 2]
+    torch.testing.assert_close(nll(logits, labels_one_token, "sequence"), (row0 + row1) / 2)
+    torch.testing.assert_close(nll(logits, labels_one_token), -logp.sum() / 3)  # token mean: row 0 counts double
+    unlabelled = torch.full_like(labels, -100)
+    unlabelled[0] = labels[0]  # a row without labels does not dilute the mean
+    torch.testing.assert_close(nll(logits, unlabelled, "sequence"), nll(logits[:1], labels[:1], "sequence"))
+    with pytest.raises(ValueError, match="average"):
+        nll(logits, labels, "tokens")
+
+
 def test_npo_closed_form_and_equal_case():
     beta = 0.1
     logp = torch.tensor([-10.0, -3.0])

@@ -1,13 +1,15 @@
 """Batched greedy generation with left padding: one `model.generate` call per batch, never per prompt.
 
-Prompts are sorted by token length so each batch pads to a similar length (less wasted compute), each batch is
-padded only to its own longest prompt, and outputs are restored to input order. Generation of a batch stops early
-once every sequence has produced eos or one of the stop strings; the returned text is cut at the first stop string.
+Prompts are tokenised unpadded and ordered so that those sharing a start (e.g. KnowMem's few-shot block) share
+batches, longest first; each batch is padded only to its own longest prompt, and outputs come back in input order.
+When a batch's prompts share a prefix of at least PREFIX_CACHE_MIN_TOKENS tokens, that prefix is run once and its
+KV cache repeated to the batch; generate then sees rows [prefix][padding][suffix], with the same positions and
+outputs as plain left padding. A batch stops early once every sequence has produced eos or a stop string; the
+returned text is cut at the first stop string.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -15,6 +17,9 @@ from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 DEFAULT_STOP: tuple[str, ...] = ("\n\n", "\nQuestion", "Question:")
+# A batch whose prompts share at least this many leading tokens computes that prefix once (see _prefix_cache);
+# below it the extra forward call is not worth it.
+PREFIX_CACHE_MIN_TOKENS = 8
 
 
 def cut_at_stop(text: str, stop: Sequence[str] | None) -> str:
@@ -65,19 +70,64 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return {int(i) for i in ids}
 
 
-@contextlib.contextmanager
-def _padding(tokenizer, side: str):
-    """Temporarily set the padding side (and a pad token, eos when missing); restore both afterwards."""
-    old_side, old_pad = tokenizer.padding_side, tokenizer.pad_token
-    tokenizer.padding_side = side
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+def _prompt_ids(tokenizer, prompts: list[str], max_prompt_tokens: int | None) -> list[list[int]]:
+    """Unpadded token ids per prompt, cut from the left to `max_prompt_tokens` (the tokenizer keeps special tokens)."""
+    trunc = {"truncation": True, "max_length": max_prompt_tokens} if max_prompt_tokens else {}
+    old_side = tokenizer.truncation_side
+    tokenizer.truncation_side = "left"  # keep the end of a long prompt: it is what the continuation follows
     try:
-        yield tokenizer
+        return tokenizer(prompts, **trunc)["input_ids"]
     finally:
-        tokenizer.padding_side = old_side
-        if old_pad is None:
-            tokenizer.pad_token = None
+        tokenizer.truncation_side = old_side
+
+
+def _batch_order(rows: list[list[int]]) -> list[int]:
+    """Prompt indices in run order: prompts sharing their first PREFIX_CACHE_MIN_TOKENS ids (a few-shot block) are
+    adjacent, so they land in the same batches and share a cached prefix. Groups run longest prompt first (an
+    out-of-memory batch shows up at once, not at the end of a long run), and so do prompts inside a group (less
+    padding); prompts with no shared start are one-prompt groups, i.e. plain longest first."""
+    keys = [tuple(r[:PREFIX_CACHE_MIN_TOKENS]) for r in rows]
+    longest: dict[tuple[int, ...], int] = {}
+    for k, r in zip(keys, rows):
+        longest[k] = max(longest.get(k, 0), len(r))
+    return sorted(range(len(rows)), key=lambda i: (-longest[keys[i]], keys[i], -len(rows[i])))
+
+
+def _shared_prefix_len(rows: list[list[int]]) -> int:
+    """Length of the prefix to cache for a batch: the longest common prefix, leaving every row at least one token
+    (its last prompt token must go through `generate` to give the first new token's logits); 0 when below
+    PREFIX_CACHE_MIN_TOKENS or for a single prompt, where splitting the prefill saves nothing."""
+    if len(rows) < 2:
+        return 0
+    n, first = min(len(r) for r in rows) - 1, rows[0]
+    k = next((j for j in range(n) if any(r[j] != first[j] for r in rows)), n)
+    return k if k >= PREFIX_CACHE_MIN_TOKENS else 0
+
+
+def _batch_tensors(rows: list[list[int]], prefix_len: int, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input ids laid out [prefix][left padding][suffix] per row, and the attention mask (0 on the padding).
+
+    With prefix_len 0 this is plain left padding. generate derives position ids from the mask's cumsum, so each
+    suffix gets the positions it has unpadded, and the cached prefix sits at positions 0..prefix_len-1 in every row.
+    """
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        start = width - (len(r) - prefix_len)
+        ids[b, :prefix_len], ids[b, start:] = torch.tensor(r[:prefix_len]), torch.tensor(r[prefix_len:])
+        mask[b, :prefix_len], mask[b, start:] = 1, 1
+    return ids.to(device), mask.to(device)
+
+
+def _prefix_cache(model, prefix_ids: torch.Tensor, batch: int):
+    """KV cache of a prefix every row of the batch shares: one batch-1 forward, repeated to `batch` rows.
+
+    generate, given this cache and the full input rows, feeds the model only the ids after the cached length.
+    """
+    cache = model(input_ids=prefix_ids, use_cache=True, logits_to_keep=1).cache
+    cache.batch_repeat_interleave(batch)
+    return cache
 
 
 def generate_ids(
@@ -95,41 +145,38 @@ def generate_ids(
         return []
     device = next(model.parameters()).device
     eos_ids = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
     model.eval()
     out: list[list[int] | None] = [None] * len(prompts)
-    with _padding(tokenizer, "left"), torch.inference_mode():
-        lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
-        # Longest first: an out-of-memory batch shows up at once, not at the end of a long run.
-        order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        trunc = {"truncation": True, "max_length": max_prompt_tokens} if max_prompt_tokens else {}
-        old_trunc_side = tokenizer.truncation_side
-        tokenizer.truncation_side = "left"  # keep the end of a long prompt: it is what the continuation follows
-        try:
-            for idx in tqdm(batches, desc="generate", disable=not progress, leave=False):
-                enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, **trunc).to(device)
-                prompt_len = enc["input_ids"].shape[1]
-                criteria = StoppingCriteriaList(
-                    [StopOnStrings(tokenizer, stop, prompt_len, eos_ids)] if stop else []
-                )
-                gen = model.generate(
-                    **enc,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    num_beams=1,
-                    temperature=None,
-                    top_p=None,
-                    top_k=None,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=sorted(eos_ids) or None,
-                    stopping_criteria=criteria,
-                )
-                for row, i in zip(gen[:, prompt_len:].tolist(), idx):
-                    cut = next((j for j, t in enumerate(row) if t in eos_ids), len(row))
-                    out[i] = row[:cut]
-        finally:
-            tokenizer.truncation_side = old_trunc_side
+    rows = _prompt_ids(tokenizer, prompts, max_prompt_tokens)
+    order = _batch_order(rows)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    with torch.inference_mode():
+        for idx in tqdm(batches, desc="generate", disable=not progress, leave=False):
+            batch_rows = [rows[i] for i in idx]
+            prefix_len = _shared_prefix_len(batch_rows)
+            ids, mask = _batch_tensors(batch_rows, prefix_len, pad_id, device)
+            prompt_len = ids.shape[1]  # generate returns the full input rows, cached prefix included
+            cache = {"cache": _prefix_cache(model, ids[:1, :prefix_len], len(idx))} if prefix_len else {}
+            criteria = StoppingCriteriaList([StopOnStrings(tokenizer, stop, prompt_len, eos_ids)] if stop else [])
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                **cache,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=pad_id,
+                eos_token_id=sorted(eos_ids) or None,
+                stopping_criteria=criteria,
+            )
+            for row, i in zip(gen[:, prompt_len:].tolist(), idx):
+                cut = next((j for j, t in enumerate(row) if t in eos_ids), len(row))
+                out[i] = row[:cut]
     model.train(was_training)
     return out  # type: ignore[return-value]
 

@@ -37,13 +37,21 @@ def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return logp.sum(dim=-1)
 
 
-def nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean token NLL over all labelled tokens of the batch: HF's `model(..., labels=...).loss`.
+def nll(logits: torch.Tensor, labels: torch.Tensor, average: str = "token") -> torch.Tensor:
+    """NLL of the labelled tokens. average="token": the mean over all labelled tokens of the batch, HF's
+    `model(..., labels=...).loss`. average="sequence": each sequence's token mean, then the mean over sequences with
+    a label, so a 3-token QA answer weighs as much as a 90-token passage.
 
     A batch with no labelled token gives 0 (HF gives nan), so an empty retain batch cannot poison a step.
     """
     logp, mask = token_logprobs(logits, labels)
-    return -logp.sum() / mask.sum().clamp_min(1)
+    if average == "token":
+        return -logp.sum() / mask.sum().clamp_min(1)
+    if average != "sequence":
+        raise ValueError(f"nll: average must be 'token' or 'sequence', got {average!r}")
+    count = mask.sum(dim=-1)
+    per_sequence = -logp.sum(dim=-1) / count.clamp_min(1)
+    return per_sequence.sum() / (count > 0).sum().clamp_min(1)
 
 
 def ga(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,8 @@ relearning attack's training loop."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from lightning.pytorch import LightningModule
 
@@ -17,12 +19,17 @@ class FinetuneModule(LightningModule):
         self,
         path: str = "smollm2",
         lr: float = 1e-4,
+        loss_average: Literal["token", "sequence"] = "token",
         weight_decay: float = 0.0,
         output_dir: str | None = None,
         dtype: str = "float32",
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
     ):
+        """
+        Args:
+            loss_average: "sequence" weighs every example alike (short QA answers learn as fast as passages).
+        """
         super().__init__()
         self.save_hyperparameters()
         self.model = load_model(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
@@ -34,7 +41,7 @@ class FinetuneModule(LightningModule):
 
     def training_step(self, batch, batch_idx):
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = nll(logits, batch["labels"])
+        loss = nll(logits, batch["labels"], self.hparams.loss_average)
         self.log("train/nll", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
