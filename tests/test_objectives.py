@@ -53,7 +53,7 @@ def test_sequence_averaged_nll_weighs_every_example_alike():
     logits, labels = _hand_example()
     labels_one_token = labels.clone()
     labels_one_token[1, 2] = -100  # row 1 keeps one labelled token, row 0 two
-    logp, mask = token_logprobs(logits, labels_one_token)
+    logp, _ = token_logprobs(logits, labels_one_token)
     row0, row1 = -(logp[0, 0] + logp[0, 1]) / 2, -logp[1, 2]
     torch.testing.assert_close(nll(logits, labels_one_token, "sequence"), (row0 + row1) / 2)
     torch.testing.assert_close(nll(logits, labels_one_token), -logp.sum() / 3)  # token mean: row 0 counts double

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Literal
 
 from lightning.pytorch import Callback
 
@@ -159,6 +160,7 @@ class RelearnModule(FinetuneModule):
         self,
         path: str = "smollm2",
         lr: float = 1e-5,
+        loss_average: Literal["token", "sequence"] = "token",
         weight_decay: float = 0.0,
         eval_steps: list[int] = [0, 25, 50, 75, 100],
         eval_batch_size: int = 16,
@@ -186,8 +188,8 @@ class RelearnModule(FinetuneModule):
             name: the model's name in the outputs (default: the model directory's name).
             output_dir: where relearn.json / relearn.png go (default: the run's log dir).
         """
-        super().__init__(path=path, lr=lr, weight_decay=weight_decay, output_dir=output_dir, dtype=dtype,
-                         gradient_checkpointing=gradient_checkpointing, trust_remote_code=trust_remote_code)
+        super().__init__(path=path, lr=lr, loss_average=loss_average, weight_decay=weight_decay,
+                         output_dir=output_dir, dtype=dtype, gradient_checkpointing=gradient_checkpointing, trust_remote_code=trust_remote_code)
         self.save_hyperparameters()
         self.curve = RelearnCurve(
             eval_steps,
