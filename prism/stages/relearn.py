@@ -189,7 +189,8 @@ class RelearnModule(FinetuneModule):
             output_dir: where relearn.json / relearn.png go (default: the run's log dir).
         """
         super().__init__(path=path, lr=lr, loss_average=loss_average, weight_decay=weight_decay,
-                         output_dir=output_dir, dtype=dtype, gradient_checkpointing=gradient_checkpointing, trust_remote_code=trust_remote_code)
+                         output_dir=output_dir, dtype=dtype, gradient_checkpointing=gradient_checkpointing,
+                         trust_remote_code=trust_remote_code)
         self.save_hyperparameters()
         self.curve = RelearnCurve(
             eval_steps,
