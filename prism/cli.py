@@ -12,6 +12,7 @@ import os
 import pickle
 import sys
 import traceback
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -185,20 +186,23 @@ def _cli_class():
 
 def run_stage(stage: str, args: list[str]):
     module_cls, data_cls = (_load(s) for s in STAGES[stage])
-    return _cli_class()(
-        module_cls,
-        data_cls,
-        args=args,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults={
-            "default_root_dir": "logs",  # also where the config is saved when the logger is off
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": "logs", "name": stage},
+    with warnings.catch_warnings():
+        # `prism <stage> ...` hands LightningCLI the arguments after the stage name on purpose
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return _cli_class()(
+            module_cls,
+            data_cls,
+            args=args,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={
+                "default_root_dir": "logs",  # also where the config is saved when the logger is off
+                "logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": "logs", "name": stage},
+                },
             },
-        },
-    )
+        )
 
 
 class _StderrHandler(logging.StreamHandler):
