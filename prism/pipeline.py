@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prism.errors import UserError
-from prism.io import atomic_write_json
+from prism.io import atomic_write_json, atomic_write_text
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -202,15 +202,20 @@ class Pipeline:
                       lambda: self.stage("margins", "test", config, mg), upstream=ups)
 
     def report(self):
-        from prism.evaluation.report import write_report
+        from prism.evaluation.report import plot_relearn, relearn_table, write_report
 
         names = ["target", *self.methods]
-        write_report([self.out / "eval" / n for n in names], self.out)
+        report = write_report([self.out / "eval" / n for n in names], self.out)
+        curves = {m: c for m in self.methods if (c := _read_json(self.out / "relearn" / m / "relearn.json"))}
+        if curves:
+            plot_relearn(curves, self.out / "relearn.png")
+            atomic_write_text(report, report.read_text() + "\n## Relearning attack\n\n" + relearn_table(curves)
+                              + "\n![relearning curves](relearn.png)\n")
         summary = {
             "preset": self.preset,
             "models": {n: str(self.target if n == "target" else self.out / "models" / n) for n in names},
             "methods": {n: _read_json(self.out / "eval" / n / "metrics.json") for n in names},
-            "relearn": {m: _read_json(self.out / "relearn" / m / "relearn.json") for m in self.methods},
+            "relearn": curves,
             "margins": {n: _read_json(self.out / "margins" / n / "margins.json") for n in self.margin_models},
             "seconds": self.seconds,
         }

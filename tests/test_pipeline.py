@@ -28,7 +28,11 @@ def test_tiny_pipeline_unlearns_keeps_utility_and_relearning_works(tmp_path):
     assert summary["margins"]["prism"] is not None
     report = (out / "report.md").read_text()
     assert "prism" in report and "npo_gd" in report
-    assert (out / "knowmem.png").stat().st_size > 0
+    relearn_rows = report.split("## Relearning attack")[1]
+    npo_gd_row = next(line for line in relearn_rows.splitlines() if line.startswith("| npo_gd |"))
+    assert f"{curve['knowmem_f'][-1]:.1f}" in npo_gd_row
+    for png in ("knowmem.png", "unlearn_score.png", "relearn.png"):
+        assert (out / png).stat().st_size > 0
 
     # A second run finds every step up to date and changes nothing.
     before = (out / "summary.json").read_text()

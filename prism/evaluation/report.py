@@ -150,6 +150,39 @@ def plot_unlearn_score(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def relearn_table(curves: dict[str, dict]) -> str:
+    """Markdown: per method, KnowMem and VerbMem of the forget set at each relearning step (curves as relearn.json)."""
+    def arrow(values: list[float]) -> str:
+        return " → ".join(f"{v:.1f}" for v in values)
+
+    lines = ["| model | steps | KnowMem forget ↓ | VerbMem forget ↓ |", "|---|---|---|---|"]
+    for name, c in curves.items():
+        steps = ", ".join(map(str, c["steps"]))
+        lines.append(f"| {name} | {steps} | {arrow(c['knowmem_f'])} | {arrow(c['verbmem_f'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_relearn(curves: dict[str, dict], path: Path) -> None:
+    """One panel per forget metric, one line per method: which model relearns slowest under the same attack."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, key, label in zip(axes, ("knowmem_f", "verbmem_f"), ("KnowMem forget", "VerbMem forget")):
+        for name, c in curves.items():
+            ax.plot(c["steps"], c[key], marker="o", label=name)
+        ax.set_xlabel("relearning steps")
+        ax.set_title(f"{label} (lower is more robust)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("ROUGE-L F1 ×100")
+    axes[0].legend()
+    fig.tight_layout()
+    atomic_save_figure(fig, path)
+    plt.close(fig)
+
+
 def default_out(run_dirs: list[Path]) -> Path:
     """The deepest directory holding all runs (e.g. `logs/` for `logs/a logs/b`)."""
     return Path(os.path.commonpath([str(Path(d).resolve().parent) for d in run_dirs]))
