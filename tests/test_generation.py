@@ -141,11 +141,12 @@ def test_shared_prefix_is_cached_and_equals_one_at_a_time(varied_model, tiny_tok
 
 
 def test_two_prefix_groups_batched_apart_in_input_order(varied_model, tiny_tokenizer, monkeypatch):
-    # Interleaved so that input order differs from run order: each few-shot group must get its own batch.
+    # Interleaved so that input order differs from run order: each few-shot group must get its own batch, even
+    # when the batch size would fit more (a batch straddling both groups would share no prefix).
     prompts = [SHOTS[i % 2] * 2 + SUFFIXES[i % 4] + "x" * (i // 4) for i in range(6)]
     single = [generate_ids(varied_model, tiny_tokenizer, [p], 8, batch_size=1, stop=None)[0] for p in prompts]
     _, prefixes = _spy_forwards(varied_model, monkeypatch)
-    batched = generate(varied_model, tiny_tokenizer, prompts, 8, batch_size=3, stop=("\n\n",))
+    batched = generate(varied_model, tiny_tokenizer, prompts, 8, batch_size=4, stop=("\n\n",))
     assert [b for _, b in prefixes] == [3, 3]
     blocks = sorted(len(tiny_tokenizer(shot * 2)["input_ids"]) for shot in SHOTS)
     assert all(n >= block for (n, _), block in zip(sorted(prefixes), blocks))  # each batch caches its own block

@@ -1,7 +1,7 @@
 """Batched greedy generation with left padding: one `model.generate` call per batch, never per prompt.
 
-Prompts are tokenised unpadded and ordered so that those sharing a start (e.g. KnowMem's few-shot block) share
-batches, longest first; each batch is padded only to its own longest prompt, and outputs come back in input order.
+Prompts are tokenised unpadded; those sharing a start (e.g. KnowMem's few-shot block) are batched only with each
+other, batches run longest first, each is padded only to its own longest prompt, and outputs come back in input order.
 When a batch's prompts share a prefix of at least PREFIX_CACHE_MIN_TOKENS tokens, that prefix is run once and its
 KV cache repeated to the batch; generate then sees rows [prefix][padding][suffix], with the same positions and
 outputs as plain left padding. A batch stops early once every sequence has produced eos or a stop string; the
@@ -81,16 +81,22 @@ def _prompt_ids(tokenizer, prompts: list[str], max_prompt_tokens: int | None) ->
         tokenizer.truncation_side = old_side
 
 
-def _batch_order(rows: list[list[int]]) -> list[int]:
-    """Prompt indices in run order: prompts sharing their first PREFIX_CACHE_MIN_TOKENS ids (a few-shot block) are
-    adjacent, so they land in the same batches and share a cached prefix. Groups run longest prompt first (an
-    out-of-memory batch shows up at once, not at the end of a long run), and so do prompts inside a group (less
-    padding); prompts with no shared start are one-prompt groups, i.e. plain longest first."""
-    keys = [tuple(r[:PREFIX_CACHE_MIN_TOKENS]) for r in rows]
-    longest: dict[tuple[int, ...], int] = {}
-    for k, r in zip(keys, rows):
-        longest[k] = max(longest.get(k, 0), len(r))
-    return sorted(range(len(rows)), key=lambda i: (-longest[keys[i]], keys[i], -len(rows[i])))
+def _batches(rows: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Prompt indices per batch. Prompts sharing their first PREFIX_CACHE_MIN_TOKENS ids (a few-shot block) are
+    batched only with each other, so every such batch shares a cached prefix (a batch straddling two blocks would
+    prefill all its prompts in full); the other prompts are batched together. Batches run longest prompt first (an
+    out-of-memory batch shows up at once, not at the end of a long run), and prompts inside a batch are of similar
+    length (less padding)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(tuple(r[:PREFIX_CACHE_MIN_TOKENS]), []).append(i)
+    shared = [g for g in groups.values() if len(g) > 1]
+    rest = [i for g in groups.values() if len(g) == 1 for i in g]
+    batches = []
+    for group in [*shared, rest]:
+        group = sorted(group, key=lambda i: -len(rows[i]))
+        batches += [group[j : j + batch_size] for j in range(0, len(group), batch_size)]
+    return sorted(batches, key=lambda b: -len(rows[b[0]]))
 
 
 def _shared_prefix_len(rows: list[list[int]]) -> int:
@@ -150,8 +156,7 @@ def generate_ids(
     model.eval()
     out: list[list[int] | None] = [None] * len(prompts)
     rows = _prompt_ids(tokenizer, prompts, max_prompt_tokens)
-    order = _batch_order(rows)
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = _batches(rows, batch_size)
     with torch.inference_mode():
         for idx in tqdm(batches, desc="generate", disable=not progress, leave=False):
             batch_rows = [rows[i] for i in idx]
