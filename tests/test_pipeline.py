@@ -13,6 +13,11 @@ def test_tiny_pipeline_unlearns_keeps_utility_and_relearning_works(tmp_path):
 
     # The target memorised both sets; PRISM removed the forget answers and kept most retain answers.
     assert target["knowmem_f"] >= 90 and target["knowmem_r"] >= 90
+    rows = [json.loads(line) for line in (out / "eval" / "target" / "generations.jsonl").read_text().splitlines()]
+    for task in ("knowmem_f", "knowmem_r"):
+        answers = [r for r in rows if r["task"] == task]
+        contained = sum(r["reference"].strip() in r["output"] for r in answers)
+        assert answers and contained >= 0.9 * len(answers), f"{task}: {contained} of {len(answers)} answers exact"
     assert prism["knowmem_f"] <= 0.2 * target["knowmem_f"]
     assert prism["knowmem_r"] >= 0.8 * target["knowmem_r"]
     for metrics in summary["methods"].values():
