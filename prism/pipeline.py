@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prism.errors import UserError
-from prism.io import atomic_write_json, atomic_write_text
+from prism.io import atomic_write_json
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -205,12 +205,12 @@ class Pipeline:
         from prism.evaluation.report import plot_relearn, relearn_table, write_report
 
         names = ["target", *self.methods]
-        report = write_report([self.out / "eval" / n for n in names], self.out)
         curves = {m: c for m in self.methods if (c := _read_json(self.out / "relearn" / m / "relearn.json"))}
+        appendix = ""
         if curves:
             plot_relearn(curves, self.out / "relearn.png")
-            atomic_write_text(report, report.read_text() + "\n## Relearning attack\n\n" + relearn_table(curves)
-                              + "\n![relearning curves](relearn.png)\n")
+            appendix = f"\n## Relearning attack\n\n{relearn_table(curves)}\n![relearning curves](relearn.png)\n"
+        write_report([self.out / "eval" / n for n in names], self.out, appendix)
         summary = {
             "preset": self.preset,
             "models": {n: str(self.target if n == "target" else self.out / "models" / n) for n in names},

@@ -16,22 +16,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-DEFAULT_STOP: tuple[str, ...] = ("\n\n", "\nQuestion", "Question:")
+from prism.evaluation.metrics import KNOWMEM_STOP as DEFAULT_STOP
+from prism.evaluation.metrics import cut_at_stop
+
 # A batch whose prompts share at least this many leading tokens computes that prefix once (see _prefix_cache);
 # below it the extra forward call is not worth it.
 PREFIX_CACHE_MIN_TOKENS = 8
-
-
-def cut_at_stop(text: str, stop: Sequence[str] | None) -> str:
-    """Cut `text` at the earliest occurrence of any stop string (no stripping)."""
-    if not stop:
-        return text
-    cut = len(text)
-    for s in stop:
-        i = text.find(s)
-        if i != -1:
-            cut = min(cut, i)
-    return text[:cut]
 
 
 class StopOnStrings(StoppingCriteria):

@@ -36,14 +36,21 @@ def knowmem_prompt(icl: Sequence[Mapping[str, str]], question: str) -> str:
     return f"{shots}Question: {question}\nAnswer: "
 
 
-def cut_answer(text: str, stop: Sequence[str] = KNOWMEM_STOP) -> str:
-    """The answer part of a KnowMem generation: cut at the first stop string, then strip whitespace."""
+def cut_at_stop(text: str, stop: Sequence[str] | None) -> str:
+    """Cut `text` at the earliest occurrence of any stop string (no stripping)."""
+    if not stop:
+        return text
     cut = len(text)
     for s in stop:
         i = text.find(s)
         if i != -1:
             cut = min(cut, i)
-    return text[:cut].strip()
+    return text[:cut]
+
+
+def cut_answer(text: str, stop: Sequence[str] = KNOWMEM_STOP) -> str:
+    """The answer part of a KnowMem generation: cut at the first stop string, then strip whitespace."""
+    return cut_at_stop(text, stop).strip()
 
 
 def privleak(auc: float, auc_ref: float) -> float:

@@ -188,14 +188,15 @@ def default_out(run_dirs: list[Path]) -> Path:
     return Path(os.path.commonpath([str(Path(d).resolve().parent) for d in run_dirs]))
 
 
-def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
-    """Write report.md, knowmem.png and unlearn_score.png into `out`; returns the path of report.md."""
+def write_report(run_dirs: list[Path], out: Path | None = None, appendix: str = "") -> Path:
+    """Write report.md (the table, then `appendix`), knowmem.png and unlearn_score.png into `out`; returns the path
+    of report.md."""
     if not run_dirs:
         raise UserError("prism report needs at least one run directory")
     run_dirs = [Path(d) for d in run_dirs]
     rows = [read_run(d) for d in run_dirs]
     out = Path(out) if out is not None else default_out(run_dirs)
-    report = atomic_write_text(out / "report.md", markdown_table(rows))
+    report = atomic_write_text(out / "report.md", markdown_table(rows) + appendix)
     plot_knowmem(rows, out / "knowmem.png")
     plot_unlearn_score(rows, out / "unlearn_score.png")
     return report
